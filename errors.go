@@ -1,0 +1,170 @@
+package pgetl
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"strings"
+	"syscall"
+
+	"github.com/jackc/pgerrcode"
+	"github.com/jackc/pgx/v5/pgconn"
+)
+
+// ErrClosed is returned by any method of a [Session] or [BatchSession] called after
+// its Close, and by Add or Flush after a BatchSession has stopped on an error.
+var ErrClosed = errors.New("pgetl: closed")
+
+// ErrJobClaimed is returned by [NewSession] when another live session holds the job's
+// claim (its lease has not expired) and [SessionConfig.Takeover] is false.
+var ErrJobClaimed = errors.New("pgetl: job is claimed by another session")
+
+// ErrFenced is returned when a session tries to advance a checkpoint that another
+// session has taken over since. The batch in flight is rolled back; nothing of it is
+// committed. The session cannot continue: a newer owner is running the job.
+var ErrFenced = errors.New("pgetl: job was taken over by another session (fenced)")
+
+// ErrJobFinished is returned by [NewSession] for a job that was marked finished by
+// [Session.Finish], unless [SessionConfig.Restart] asks to start it over.
+var ErrJobFinished = errors.New("pgetl: job is already finished")
+
+// ErrTooManyRejects is returned (wrapped in a [*BatchError]) when the rejected rows of
+// a job exceed [BatchConfig.MaxRejects] or [BatchConfig.MaxRejectRatio]. Everything
+// committed before stays committed.
+var ErrTooManyRejects = errors.New("pgetl: too many rejected rows")
+
+// ErrRetriesExhausted is returned (wrapping the last cause) when a batch or
+// transaction still fails with transient errors after [RetryPolicy.MaxAttempts]
+// attempts or [RetryPolicy.MaxElapsed].
+var ErrRetriesExhausted = errors.New("pgetl: retries exhausted")
+
+// BatchError describes a batch that failed. It names the batch, and where the failure
+// is pinned to one row, the row's index within the job (0-based, counting every row
+// passed to Add), its cursor, and the column. Unwrap returns the cause, so
+// errors.As(err, &pgErr) finds a *pgconn.PgError when the server reported it.
+type BatchError struct {
+	Job      string // the job name
+	Seq      int64  // the batch sequence number within the job
+	Row      int64  // index of the failing row within the job; -1 if not pinned to a row
+	Cursor   string // the cursor passed to Add with that row
+	Column   string // the column, when known
+	Value    string // the value (truncated to 64 bytes), when known
+	SQLState string // the SQLSTATE, when the server reported one
+	// Constraint is the violated constraint, when the server named one.
+	Constraint string
+	// Committed reports whether the rows of the batch before Row were committed (with
+	// the checkpoint) before the error was returned.
+	Committed bool
+	Err       error // the cause
+}
+
+// Error implements error.
+func (e *BatchError) Error() string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "pgetl: job %q batch %d", e.Job, e.Seq)
+	if e.Row >= 0 {
+		fmt.Fprintf(&b, " row %d", e.Row)
+		if e.Cursor != "" {
+			fmt.Fprintf(&b, " (cursor %q)", e.Cursor)
+		}
+	}
+	if e.Column != "" {
+		fmt.Fprintf(&b, " column %q", e.Column)
+	}
+	if e.Value != "" {
+		fmt.Fprintf(&b, " value %q", e.Value)
+	}
+	if e.Constraint != "" {
+		fmt.Fprintf(&b, " constraint %q", e.Constraint)
+	}
+	if e.Committed {
+		b.WriteString(" (rows before it committed)")
+	}
+	if e.Err != nil {
+		b.WriteString(": ")
+		b.WriteString(strings.TrimPrefix(e.Err.Error(), "pgetl: "))
+	}
+	return b.String()
+}
+
+// Unwrap returns the cause.
+func (e *BatchError) Unwrap() error { return e.Err }
+
+// IsTransient reports whether err is worth retrying on a fresh connection: a lost or
+// refused connection, a server shutting down or starting (57P01, 57P02, 57P03), an
+// idle-session or idle-in-transaction timeout (57P05, 25P03), class 08, a
+// serialization failure or deadlock (40001, 40P01), a lock not available (55P03), too
+// many connections (53300), or a read-only transaction after a failover (25006).
+// Data errors (classes 22 and 23) and cancellation by the caller's context are not.
+// It never looks at message text.
+func IsTransient(err error) bool {
+	if err == nil {
+		return false
+	}
+	if errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
+		// A deadline inside pgconn on a live connection is reported as a timeout; the
+		// caller's own context is checked before IsTransient is consulted.
+		return false
+	}
+	var pgErr *pgconn.PgError
+	if errors.As(err, &pgErr) {
+		return transientCode(pgErr.Code)
+	}
+	var connectErr *pgconn.ConnectError
+	if errors.As(err, &connectErr) {
+		return true
+	}
+	if pgconn.Timeout(err) {
+		return true
+	}
+	var netErr net.Error
+	if errors.As(err, &netErr) {
+		return true
+	}
+	if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, net.ErrClosed) ||
+		errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.ECONNREFUSED) ||
+		errors.Is(err, syscall.EPIPE) || errors.Is(err, syscall.ETIMEDOUT) {
+		return true
+	}
+	// pgconn reports a connection it closed itself ("conn closed") without a typed
+	// cause; SafeToRetry marks errors raised before anything was sent.
+	return pgconn.SafeToRetry(err) || isConnClosed(err)
+}
+
+// isConnClosed reports pgconn's closed-connection condition. pgconn exposes no
+// sentinel for it; its errors implement SafeToRetry and wrap the original network
+// error when one exists, which the checks above catch. What remains is a connection
+// pgconn had already marked closed.
+func isConnClosed(err error) bool {
+	var c interface{ SafeToRetry() bool }
+	return errors.As(err, &c)
+}
+
+func transientCode(code string) bool {
+	switch code {
+	case pgerrcode.AdminShutdown, pgerrcode.CrashShutdown, pgerrcode.CannotConnectNow,
+		pgerrcode.IdleInTransactionSessionTimeout, pgerrcode.IdleSessionTimeout,
+		pgerrcode.SerializationFailure, pgerrcode.DeadlockDetected,
+		pgerrcode.LockNotAvailable, pgerrcode.TooManyConnections,
+		pgerrcode.ReadOnlySQLTransaction:
+		return true
+	}
+	return pgerrcode.IsConnectionException(code)
+}
+
+// isDataError reports a SQLSTATE for bad input data: class 22 (data exception), class
+// 23 (integrity constraint violation) and 42804 (datatype mismatch).
+func isDataError(code string) bool {
+	return pgerrcode.IsDataException(code) || pgerrcode.IsIntegrityConstraintViolation(code) ||
+		code == pgerrcode.DatatypeMismatch
+}
+
+func pgErrorOf(err error) *pgconn.PgError {
+	var pgErr *pgconn.PgError
+	if errors.As(err, &pgErr) {
+		return pgErr
+	}
+	return nil
+}
