@@ -1,0 +1,609 @@
+package pgetl
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgtype"
+)
+
+// Defaults of [BatchConfig].
+const (
+	// CommitRowsDefault is the number of rows after which a batch is committed. At
+	// 10,000 rows per transaction the fixed cost of a commit (a round trip, a WAL
+	// flush, the checkpoint row) is below 5 % of a binary COPY of the rows.
+	CommitRowsDefault = 10000
+	// CommitBytesDefault bounds the encoded bytes of a batch (memory for wide rows).
+	CommitBytesDefault = 16 << 20
+	// CommitIntervalDefault is how often buffered rows are committed at least, even
+	// when the source is slow: progress is saved and the connection is exercised.
+	CommitIntervalDefault = 5 * time.Second
+)
+
+// RejectPolicy says what a batch does with a row the server refuses (SQLSTATE classes
+// 22 and 23, 42804) or that cannot be encoded for its column.
+type RejectPolicy int
+
+const (
+	// RejectFail commits the rows before the bad row (with the checkpoint) and stops
+	// with a *BatchError naming the row. This is the default.
+	RejectFail RejectPolicy = iota
+	// RejectToTable writes the bad row to the reject table (<CheckpointSchema>.reject)
+	// in the same transaction as the batch's good rows and checkpoint, and goes on.
+	RejectToTable
+)
+
+// BatchConfig configures a [BatchSession].
+type BatchConfig struct {
+	// Table is the target table, optionally schema-qualified ("sales.orders").
+	// Required unless SQL is set.
+	Table string
+	// Columns are the target columns, in the order of the values passed to Add.
+	Columns []string
+	// Key, if set, makes the batch an upsert on these columns (a subset of Columns
+	// with a unique index): rows whose key exists are updated, others inserted. Rows
+	// are COPYed into a staging table dropped at commit, then merged with one
+	// INSERT … ON CONFLICT (Key) DO UPDATE. Within one batch, the last row of a key
+	// wins.
+	Key []string
+	// OnlyChanged, with Key, updates an existing row only if some column differs
+	// (… WHERE target IS DISTINCT FROM source), so re-running a sync does not rewrite
+	// unchanged rows.
+	OnlyChanged bool
+	// SQL, if set, selects the statement path for targets COPY cannot express: SQL
+	// runs once per row with the row's values as its arguments ($1, $2, …), all rows
+	// of a batch pipelined in one round trip. Columns, if given, name the arguments
+	// in errors.
+	SQL string
+
+	// CommitRows commits a batch once it holds this many rows. Defaults to
+	// CommitRowsDefault.
+	CommitRows int
+	// CommitBytes commits a batch once its encoded rows reach this many bytes (COPY
+	// path only). Defaults to CommitBytesDefault.
+	CommitBytes int
+	// CommitInterval commits buffered rows at least this often, also while the source
+	// is idle. Defaults to CommitIntervalDefault; negative disables it.
+	CommitInterval time.Duration
+
+	// Rejects is the bad-row policy. Defaults to RejectFail.
+	Rejects RejectPolicy
+	// MaxRejects stops the job (ErrTooManyRejects) once more rows than this were
+	// rejected since the job started. 0 means no absolute limit.
+	MaxRejects int64
+	// MaxRejectRatio stops the job once rejected rows exceed this fraction of the
+	// rows seen (checked after the first 1,000 rows). 0 means no limit.
+	MaxRejectRatio float64
+
+	// OnCommitFunc, if set, is called after each batch commits, from the goroutine
+	// that committed it (not the one calling Add). It must not block for long.
+	OnCommitFunc func(BatchResult)
+}
+
+// BatchResult describes a committed batch.
+type BatchResult struct {
+	Job      string
+	Seq      int64
+	Rows     int64  // rows committed (for an upsert: inserted or updated, or merged into a later row of the same key)
+	Rejects  int64  // rows rejected
+	Bytes    int64  // encoded bytes sent
+	Cursor   string // the checkpoint's cursor after this batch
+	Duration time.Duration
+}
+
+// Reject describes a row rejected under RejectToTable, as written to the reject
+// table.
+type Reject struct {
+	Row        int64  // index of the row within the job
+	Cursor     string // its cursor
+	SQLState   string
+	Message    string
+	Column     string
+	Constraint string
+	Values     string // the row as a JSON array
+}
+
+// BatchSession buffers rows and commits them in batches through its [Session]. Add
+// encodes each row at once into the binary COPY format, so a value its column cannot
+// take is reported by Add, with its row and column. A full batch is committed by a
+// goroutine of the BatchSession while the caller goes on adding rows to the next one;
+// at most one batch is in flight and batches commit in order. No connection and no
+// transaction is held between flushes.
+//
+// A BatchSession is not safe for concurrent use by several goroutines (like
+// [pgx.Conn]); its Stat is.
+type BatchSession struct {
+	s     *Session
+	cfg   BatchConfig
+	table string // quoted
+	cols  string // quoted, comma-separated
+	oids  []uint32
+	m     *pgtype.Map
+	keyIx []int // positions of Key in Columns
+	sql   struct {
+		copyStmt, merge, stageStmt string
+	}
+
+	sendMu sync.Mutex // held while a batch is swapped out and handed to the flusher
+	mu     sync.Mutex // guards cur, err, closed, next
+	cur    *batch
+	err    error // sticky: the first failure; every later call returns it
+	closed bool
+	next   int64 // job-wide index of the next row
+
+	queue chan flushReq
+	free  chan *batch
+	bg    context.Context // for interval flushes; canceled by Close
+	stop  context.CancelFunc
+	wg    sync.WaitGroup
+}
+
+type batch struct {
+	buf     []byte   // binary COPY tuples (no header/trailer)
+	offs    []int32  // start of each row in buf
+	idx     []int64  // job-wide index of each row
+	cursors []string // cursor of each row
+	keys    []string // upsert: the encoded key of each row
+	vals    [][]any  // statement path: the values of each row
+	rejects []Reject // rows rejected by Add (encode failures)
+	last    *string  // cursor of the last row added (rejected or not)
+	seen    int64    // rows added, rejected included
+}
+
+func (bt *batch) reset() {
+	bt.buf, bt.offs, bt.idx, bt.cursors = bt.buf[:0], bt.offs[:0], bt.idx[:0], bt.cursors[:0]
+	bt.keys, bt.vals, bt.rejects, bt.last, bt.seen = bt.keys[:0], bt.vals[:0], nil, nil, 0
+}
+
+func (bt *batch) rows() int { return len(bt.idx) }
+
+// end returns the end offset of row i in buf.
+func (bt *batch) end(i int) int {
+	if i+1 < len(bt.offs) {
+		return int(bt.offs[i+1])
+	}
+	return len(bt.buf)
+}
+
+type flushReq struct {
+	ctx  context.Context
+	bt   *batch // nil: a barrier
+	done chan error
+}
+
+func (c *BatchConfig) setDefaults() error {
+	if c.SQL == "" && c.Table == "" {
+		return errors.New("pgetl: BatchConfig.Table (or SQL) is required")
+	}
+	if c.SQL == "" && len(c.Columns) == 0 {
+		return errors.New("pgetl: BatchConfig.Columns must name at least one column")
+	}
+	if c.SQL != "" && len(c.Key) > 0 {
+		return errors.New("pgetl: BatchConfig.Key cannot be combined with SQL")
+	}
+	if c.CommitRows == 0 {
+		c.CommitRows = CommitRowsDefault
+	}
+	if c.CommitRows < 1 {
+		return fmt.Errorf("pgetl: BatchConfig.CommitRows must be at least 1, got %d", c.CommitRows)
+	}
+	if c.CommitBytes == 0 {
+		c.CommitBytes = CommitBytesDefault
+	}
+	if c.CommitBytes < 1 {
+		return fmt.Errorf("pgetl: BatchConfig.CommitBytes must be at least 1, got %d", c.CommitBytes)
+	}
+	if c.CommitInterval == 0 {
+		c.CommitInterval = CommitIntervalDefault
+	}
+	if c.MaxRejects < 0 || c.MaxRejectRatio < 0 || c.MaxRejectRatio > 1 {
+		return errors.New("pgetl: BatchConfig.MaxRejects must not be negative and MaxRejectRatio must be in [0, 1]")
+	}
+	if c.Rejects != RejectFail && c.Rejects != RejectToTable {
+		return fmt.Errorf("pgetl: BatchConfig.Rejects: unknown policy %d", c.Rejects)
+	}
+	return nil
+}
+
+// Batch starts a batch session on s for cfg. It checks the target now: a table,
+// column, key or statement that does not exist is reported here, not at the first
+// flush hours later. ctx bounds only this call.
+func (s *Session) Batch(ctx context.Context, cfg BatchConfig) (*BatchSession, error) {
+	if err := s.usable(); err != nil {
+		return nil, err
+	}
+	cfg.Columns = append([]string(nil), cfg.Columns...)
+	cfg.Key = append([]string(nil), cfg.Key...)
+	if err := cfg.setDefaults(); err != nil {
+		return nil, err
+	}
+	b := &BatchSession{s: s, cfg: cfg, m: pgtype.NewMap(), queue: make(chan flushReq), free: make(chan *batch, 2)}
+	if err := b.describe(ctx); err != nil {
+		return nil, err
+	}
+	s.mu.Lock()
+	b.next = s.cp.Rows + s.cp.Rejects
+	s.mu.Unlock()
+	b.cur = &batch{}
+	b.bg, b.stop = context.WithCancel(context.WithoutCancel(ctx))
+	b.wg.Add(1)
+	go b.loop()
+	return b, nil
+}
+
+// tableIdent quotes a possibly schema-qualified table name.
+func tableIdent(name string) string {
+	return pgx.Identifier(strings.Split(name, ".")).Sanitize()
+}
+
+// describe resolves the column types (one round trip, unnamed statement, so it
+// works behind PgBouncer) and checks the merge statement of an upsert.
+func (b *BatchSession) describe(ctx context.Context) error {
+	cfg := &b.cfg
+	conn, err := b.s.pool.Acquire(ctx)
+	if err != nil {
+		return fmt.Errorf("pgetl: batch: %w", err)
+	}
+	defer conn.Release()
+	pgc := conn.Conn().PgConn()
+	if cfg.SQL != "" {
+		sd, err := pgc.Prepare(ctx, "", cfg.SQL, nil)
+		if err != nil {
+			return fmt.Errorf("pgetl: batch statement %q: %w", cfg.SQL, err)
+		}
+		b.oids = sd.ParamOIDs
+		return nil
+	}
+	quoted := make([]string, len(cfg.Columns))
+	for i, c := range cfg.Columns {
+		quoted[i] = pgx.Identifier{c}.Sanitize()
+	}
+	b.table, b.cols = tableIdent(cfg.Table), strings.Join(quoted, ", ")
+	sd, err := pgc.Prepare(ctx, "", "SELECT "+b.cols+" FROM "+b.table, nil)
+	if err != nil {
+		return fmt.Errorf("pgetl: batch target %s (%s): %w", cfg.Table, strings.Join(cfg.Columns, ", "), err)
+	}
+	for _, f := range sd.Fields {
+		if _, ok := b.m.TypeForOID(f.DataTypeOID); !ok {
+			var name string
+			if err := conn.QueryRow(ctx, "SELECT format_type($1::oid, NULL)", f.DataTypeOID).Scan(&name); err != nil {
+				return fmt.Errorf("pgetl: batch: type of column %s: %w", f.Name, err)
+			}
+			t, err := conn.Conn().LoadType(ctx, name)
+			if err != nil {
+				return fmt.Errorf("pgetl: batch: type %s of column %s: %w", name, f.Name, err)
+			}
+			b.m.RegisterType(t)
+		}
+		b.oids = append(b.oids, f.DataTypeOID)
+	}
+	b.sql.copyStmt = "COPY " + b.table + " (" + b.cols + ") FROM STDIN (FORMAT binary);"
+	if len(cfg.Key) == 0 {
+		return nil
+	}
+	isKey := map[string]bool{}
+	for _, k := range cfg.Key {
+		i := indexOf(cfg.Columns, k)
+		if i < 0 {
+			return fmt.Errorf("pgetl: batch: key column %q is not in Columns", k)
+		}
+		b.keyIx = append(b.keyIx, i)
+		isKey[k] = true
+	}
+	var set, cmpT, cmpS []string
+	for i, c := range cfg.Columns {
+		if !isKey[c] {
+			set = append(set, quoted[i]+" = EXCLUDED."+quoted[i])
+			cmpT = append(cmpT, "t."+quoted[i])
+			cmpS = append(cmpS, "EXCLUDED."+quoted[i])
+		}
+	}
+	keys := make([]string, len(cfg.Key))
+	for i, k := range cfg.Key {
+		keys[i] = pgx.Identifier{k}.Sanitize()
+	}
+	merge := "INSERT INTO " + b.table + " AS t (" + b.cols + ") SELECT " + b.cols + " FROM pgetl_stage ON CONFLICT (" + strings.Join(keys, ", ") + ")"
+	if len(set) == 0 {
+		merge += " DO NOTHING"
+	} else {
+		merge += " DO UPDATE SET " + strings.Join(set, ", ")
+		if cfg.OnlyChanged {
+			merge += " WHERE (" + strings.Join(cmpT, ", ") + ") IS DISTINCT FROM (" + strings.Join(cmpS, ", ") + ")"
+		}
+	}
+	b.sql.stageStmt = "CREATE TEMP TABLE pgetl_stage ON COMMIT DROP AS SELECT " + b.cols + " FROM " + b.table + " WITH NO DATA;"
+	b.sql.copyStmt = "COPY pgetl_stage (" + b.cols + ") FROM STDIN (FORMAT binary);"
+	b.sql.merge = merge + ";"
+	// EXPLAIN plans the merge without running it: it checks that a unique index
+	// matches Key now rather than at the first flush.
+	if _, err := conn.Exec(ctx, "BEGIN; "+b.sql.stageStmt+" EXPLAIN (COSTS OFF) "+merge+"; ROLLBACK"); err != nil {
+		_, _ = conn.Exec(ctx, "ROLLBACK")
+		return fmt.Errorf("pgetl: batch upsert on %s key (%s): %w", cfg.Table, strings.Join(cfg.Key, ", "), err)
+	}
+	return nil
+}
+
+func indexOf(xs []string, x string) int {
+	for i, y := range xs {
+		if y == x {
+			return i
+		}
+	}
+	return -1
+}
+
+// Add buffers one row. cursor is the row's position in the source (page token, file
+// offset, last id): the checkpoint's cursor after the row's batch commits, so a job
+// restarted after a crash skips rows up to it. values are in the order of
+// BatchConfig.Columns. Add returns a *BatchError, without buffering the row, when a
+// value cannot be encoded for its column (under RejectToTable the row is rejected
+// instead), ErrClosed after Close, and the error of an earlier failed flush.
+func (b *BatchSession) Add(ctx context.Context, cursor string, values ...any) error {
+	b.mu.Lock()
+	if err := b.stateErr(); err != nil {
+		b.mu.Unlock()
+		return err
+	}
+	bt := b.cur
+	idx := b.next
+	b.next++ // every row passed to Add has an index, refused ones too
+	if len(values) != len(b.oids) {
+		b.mu.Unlock()
+		return &BatchError{Job: b.s.cfg.Job, Row: idx, Cursor: cursor,
+			Err: fmt.Errorf("pgetl: got %d values for %d columns", len(values), len(b.oids))}
+	}
+	if strings.IndexByte(cursor, 0) >= 0 {
+		b.mu.Unlock()
+		return &BatchError{Job: b.s.cfg.Job, Row: idx, Cursor: cursor, Err: errors.New("pgetl: cursor must not contain a NUL byte")}
+	}
+	bt.seen++
+	bt.last = &cursor
+	if b.cfg.SQL != "" {
+		bt.vals = append(bt.vals, append([]any(nil), values...))
+		bt.idx = append(bt.idx, idx)
+		bt.cursors = append(bt.cursors, cursor)
+	} else if col, err := b.encode(bt, values); err != nil {
+		berr := &BatchError{Job: b.s.cfg.Job, Row: idx, Cursor: cursor, Column: b.column(col),
+			Value: truncate(fmt.Sprint(values[col]), 64), Err: err}
+		if b.cfg.Rejects != RejectToTable {
+			b.mu.Unlock()
+			return berr
+		}
+		bt.rejects = append(bt.rejects, Reject{Row: idx, Cursor: cursor, SQLState: "22P02",
+			Message: err.Error(), Column: berr.Column, Values: valuesJSON(values)})
+	} else {
+		bt.idx = append(bt.idx, idx)
+		bt.cursors = append(bt.cursors, cursor)
+	}
+	full := bt.rows() >= b.cfg.CommitRows || len(bt.buf) >= b.cfg.CommitBytes
+	b.mu.Unlock()
+	if !full {
+		return nil
+	}
+	return b.dispatch(ctx, false)
+}
+
+// stateErr returns why the session cannot take rows. Caller must hold mu.
+func (b *BatchSession) stateErr() error {
+	if b.closed {
+		return ErrClosed
+	}
+	return b.err
+}
+
+func (b *BatchSession) column(i int) string {
+	if i >= 0 && i < len(b.cfg.Columns) {
+		return b.cfg.Columns[i]
+	}
+	if i >= 0 {
+		return fmt.Sprintf("$%d", i+1)
+	}
+	return ""
+}
+
+var copyHeader = []byte("PGCOPY\n\xff\r\n\x00\x00\x00\x00\x00\x00\x00\x00\x00")
+var copyTrailer = []byte{0xff, 0xff}
+
+// encode appends values as one binary COPY tuple to bt. On error it leaves bt as it
+// was and returns the index of the failing column. Caller must hold mu.
+func (b *BatchSession) encode(bt *batch, values []any) (int, error) {
+	start := len(bt.buf)
+	buf := binary.BigEndian.AppendUint16(bt.buf, uint16(len(values)))
+	var key []byte
+	for i, v := range values {
+		sp := len(buf)
+		buf = append(buf, 0, 0, 0, 0)
+		out, err := b.m.Encode(b.oids[i], pgtype.BinaryFormatCode, v, buf)
+		if err != nil {
+			out, err = b.encodeString(b.oids[i], v, buf)
+		}
+		if err != nil {
+			bt.buf = buf[:start]
+			return i, fmt.Errorf("pgetl: encode %T for column %q: %w", v, b.cfg.Columns[i], err)
+		}
+		if out == nil {
+			buf = binary.BigEndian.AppendUint32(buf[:sp], 0xffffffff)
+		} else {
+			buf = out
+			binary.BigEndian.PutUint32(buf[sp:], uint32(len(buf)-sp-4))
+		}
+		if b.keyIx != nil && indexOfInt(b.keyIx, i) >= 0 {
+			key = append(key, buf[sp:]...)
+		}
+	}
+	bt.buf = buf
+	bt.offs = append(bt.offs, int32(start))
+	if b.keyIx != nil {
+		bt.keys = append(bt.keys, string(key))
+	}
+	return -1, nil
+}
+
+// encodeString parses a string in the column type's text format and encodes the
+// result, as pgx's CopyFrom does, so "12.34" goes into a numeric column.
+func (b *BatchSession) encodeString(oid uint32, v any, buf []byte) ([]byte, error) {
+	s, ok := v.(string)
+	if !ok {
+		return b.m.Encode(oid, pgtype.BinaryFormatCode, v, buf)
+	}
+	var x any
+	if err := b.m.Scan(oid, pgtype.TextFormatCode, []byte(s), &x); err != nil {
+		return nil, err
+	}
+	return b.m.Encode(oid, pgtype.BinaryFormatCode, x, buf)
+}
+
+func indexOfInt(xs []int, x int) int {
+	for i, y := range xs {
+		if y == x {
+			return i
+		}
+	}
+	return -1
+}
+
+// Flush commits the buffered rows and waits until every batch handed off before it
+// has committed (or failed).
+func (b *BatchSession) Flush(ctx context.Context) error {
+	b.mu.Lock()
+	err := b.stateErr()
+	b.mu.Unlock()
+	if err != nil {
+		return err
+	}
+	return b.dispatch(ctx, true)
+}
+
+// dispatch hands the current batch to the flusher; with wait, it waits for the
+// result of every batch handed off so far.
+func (b *BatchSession) dispatch(ctx context.Context, wait bool) error {
+	b.sendMu.Lock()
+	b.mu.Lock()
+	bt := b.swap()
+	b.mu.Unlock()
+	req := flushReq{ctx: ctx, bt: bt}
+	if wait {
+		req.done = make(chan error, 1)
+	}
+	select {
+	case b.queue <- req:
+	case <-ctx.Done():
+		b.sendMu.Unlock()
+		b.fail(ctx.Err())
+		return ctx.Err()
+	}
+	b.sendMu.Unlock()
+	if !wait {
+		return nil
+	}
+	return <-req.done
+}
+
+// swap takes the current batch if it holds anything and starts a new one. Caller
+// must hold mu and sendMu.
+func (b *BatchSession) swap() *batch {
+	if b.cur.seen == 0 {
+		return nil
+	}
+	bt := b.cur
+	select {
+	case nb := <-b.free:
+		nb.reset()
+		b.cur = nb
+	default:
+		b.cur = &batch{buf: make([]byte, 0, cap(bt.buf)), offs: make([]int32, 0, cap(bt.offs))}
+	}
+	return bt
+}
+
+// fail records the first failure; every later call returns it.
+func (b *BatchSession) fail(err error) {
+	b.mu.Lock()
+	if b.err == nil {
+		b.err = err
+	}
+	b.mu.Unlock()
+}
+
+// loop is the flusher: it commits handed-off batches in order, and the buffered rows
+// when they are older than CommitInterval. It ends when Close closes the queue.
+func (b *BatchSession) loop() {
+	defer b.wg.Done()
+	var tick <-chan time.Time
+	if b.cfg.CommitInterval > 0 {
+		t := time.NewTicker(max(b.cfg.CommitInterval/4, time.Millisecond))
+		defer t.Stop()
+		tick = t.C
+	}
+	lastCommit := time.Now()
+	for {
+		select {
+		case req, ok := <-b.queue:
+			if !ok {
+				return
+			}
+			var err error
+			if req.bt != nil {
+				err = b.commit(req.ctx, req.bt)
+				lastCommit = time.Now()
+			}
+			if req.done != nil {
+				b.mu.Lock()
+				if err == nil {
+					err = b.err
+				}
+				b.mu.Unlock()
+				req.done <- err
+			}
+		case <-tick:
+			if time.Since(lastCommit) < b.cfg.CommitInterval || !b.sendMu.TryLock() {
+				continue
+			}
+			b.mu.Lock()
+			var bt *batch
+			if b.err == nil && !b.closed {
+				bt = b.swap()
+			}
+			b.mu.Unlock()
+			b.sendMu.Unlock()
+			lastCommit = time.Now()
+			if bt != nil {
+				_ = b.commit(b.bg, bt)
+			}
+		}
+	}
+}
+
+// Close commits the buffered rows, waits for every batch in flight, and stops the
+// flusher. It returns the first error of the session's batches, if any. Close is
+// idempotent; Add and Flush after it return ErrClosed.
+func (b *BatchSession) Close(ctx context.Context) error {
+	b.mu.Lock()
+	if b.closed {
+		b.mu.Unlock()
+		return nil
+	}
+	err := b.err
+	b.mu.Unlock()
+	if err == nil {
+		err = b.dispatch(ctx, true)
+	}
+	b.mu.Lock()
+	b.closed = true
+	b.mu.Unlock()
+	b.sendMu.Lock()
+	close(b.queue)
+	b.sendMu.Unlock()
+	b.wg.Wait()
+	b.stop()
+	return err
+}
+
+// Stat returns the counters of the batch session's Session.
+func (b *BatchSession) Stat() Stat { return b.s.Stat() }

@@ -1,0 +1,62 @@
+package pgetl
+
+import (
+	"maps"
+	"time"
+)
+
+// statCounters are a Session's counters. Guarded by Session.mu.
+type statCounters struct {
+	rows, rejects, batches, bytes int64
+	holdNanos, flushNanos         int64
+	retries                       map[string]int64
+}
+
+// Stat is a snapshot of a session's counters, taken by [Session.Stat].
+type Stat struct {
+	c statCounters
+}
+
+// Stat returns a snapshot of the session's counters.
+func (s *Session) Stat() Stat {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	c := s.stat
+	c.retries = maps.Clone(s.stat.retries)
+	return Stat{c: c}
+}
+
+// Rows returns the rows committed by the session.
+func (st Stat) Rows() int64 { return st.c.rows }
+
+// Rejects returns the rows the session rejected (committed to the reject sink).
+func (st Stat) Rejects() int64 { return st.c.rejects }
+
+// Batches returns the units of work (batches and Tx calls) the session committed.
+func (st Stat) Batches() int64 { return st.c.batches }
+
+// Bytes returns the encoded bytes of the rows the session committed.
+func (st Stat) Bytes() int64 { return st.c.bytes }
+
+// HoldDuration returns the total time the session held a connection.
+func (st Stat) HoldDuration() time.Duration { return time.Duration(st.c.holdNanos) }
+
+// FlushDuration returns the total time spent committing batches, retries included.
+func (st Stat) FlushDuration() time.Duration { return time.Duration(st.c.flushNanos) }
+
+// Retries returns the number of retried attempts by failure class ("connection",
+// "server_shutdown", "serialization", "deadlock", "lock_timeout", "read_only",
+// "too_many_connections", "idle_timeout", "sqlstate_XXXXX"), and the in-doubt
+// commits found committed ("in_doubt_committed").
+func (st Stat) Retries() map[string]int64 { return maps.Clone(st.c.retries) }
+
+// TotalRetries returns the number of retried attempts of all classes.
+func (st Stat) TotalRetries() int64 {
+	var n int64
+	for k, v := range st.c.retries {
+		if k != "in_doubt_committed" {
+			n += v
+		}
+	}
+	return n
+}
