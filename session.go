@@ -310,6 +310,18 @@ $pgetl$;`
 		return fmt.Errorf("pgetl: set up checkpoint table: %w", err)
 	}
 	defer conn.Release()
+	// Skip the DDL when everything exists, so a role without CREATE can run jobs
+	// once the tables were made.
+	var ready bool
+	err = conn.QueryRow(ctx, `SELECT to_regclass($1) IS NOT NULL AND to_regclass($2) IS NOT NULL
+		AND to_regprocedure($3) IS NOT NULL`, sch+".checkpoint", sch+".reject",
+		sch+".advance(text,text,bigint,text,bigint,bigint,interval)").Scan(&ready)
+	if err != nil {
+		return fmt.Errorf("pgetl: set up checkpoint table in schema %s: %w", sch, err)
+	}
+	if ready {
+		return nil
+	}
 	if _, err := conn.Exec(ctx, "BEGIN;"+ddl+"COMMIT"); err != nil {
 		return fmt.Errorf("pgetl: set up checkpoint table in schema %s: %w", sch, err)
 	}
@@ -501,11 +513,13 @@ func (s *Session) fence() error {
 	return fmt.Errorf("%w: job %q", ErrFenced, s.cfg.Job)
 }
 
-// appName is the application_name of the transaction committing batch seq; it is
-// unique per job and batch, and at most 63 bytes (NAMEDATALEN-1) so the server keeps
-// it whole.
+// appName is the application_name of the transaction committing batch seq:
+// "pgetl <job>#<seq>.<owner token>", unique per session and batch, and at most 63
+// bytes (NAMEDATALEN-1) so the server keeps it whole. It lets pg_stat_activity show
+// the job and batch, and lets in-doubt resolution find exactly that transaction's
+// backend, also behind a pooler whose backend pids the client cannot know.
 func (s *Session) appName(seq int64) string {
-	suffix := "#" + strconv.FormatInt(seq, 10)
+	suffix := "#" + strconv.FormatInt(seq, 10) + "." + s.owner[:6]
 	name := "pgetl " + s.cfg.Job
 	if len(name)+len(suffix) > 63 {
 		name = name[:63-len(suffix)]
@@ -569,17 +583,27 @@ func (s *Session) run(ctx context.Context, seq int64, attempt func(ctx context.C
 	start := time.Now()
 	r := s.cfg.Retry
 	for n := 1; ; n++ {
-		outcome, pid, err := attempt(ctx, n)
+		outcome, _, err := attempt(ctx, n)
 		if outcome == outcomeCommitted {
 			return nil
 		}
 		if ctx.Err() != nil {
 			if outcome == outcomeInDoubt {
-				// The caller gave up while COMMIT's outcome was unknown: learn the
-				// truth from the checkpoint before the next unit of work.
-				s.mu.Lock()
-				s.resync = true
-				s.mu.Unlock()
+				// The caller gave up while the transaction may still run on the
+				// server (its whole message was sent): end it, and learn whether it
+				// had committed.
+				rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+				committed, rerr := s.resolve(rctx, seq)
+				cancel()
+				if rerr == nil && committed {
+					s.count("in_doubt_committed")
+					return nil
+				}
+				if rerr != nil {
+					s.mu.Lock()
+					s.resync = true
+					s.mu.Unlock()
+				}
 			}
 			return ctx.Err()
 		}
@@ -602,7 +626,7 @@ func (s *Session) run(ctx context.Context, seq int64, attempt func(ctx context.C
 			}
 		}
 		if outcome == outcomeInDoubt || (err != nil && IsTransient(err)) {
-			committed, rerr := s.resolve(ctx, seq, pid)
+			committed, rerr := s.resolve(ctx, seq)
 			if rerr == nil && committed {
 				s.log.Info("pgetl: in-doubt commit resolved: committed", "job", s.cfg.Job, "seq", seq)
 				s.count("in_doubt_committed")
@@ -658,11 +682,13 @@ func (s *Session) backoff(n int) time.Duration {
 }
 
 // resolve decides whether batch seq committed after its connection failed around
-// COMMIT. It ends the old backend if it is still there (matched by pid and the
-// batch's unique application_name, so a pooler's fake pid can never hit another
-// session), then reads the checkpoint row with FOR UPDATE, which waits for any
-// transaction still holding it: the answer is final, not a guess.
-func (s *Session) resolve(ctx context.Context, seq int64, pid uint32) (bool, error) {
+// COMMIT, or after the caller gave up waiting. It ends the batch's backend if it is
+// still there (found by the batch's unique application_name; a backend that is
+// ended before its COMMIT rolls back), then reads the checkpoint row with FOR
+// UPDATE, which waits for any transaction still holding it: the answer is final, not
+// a guess. Should the old message still reach the server later, the checkpoint fence
+// makes it fail rather than commit a second time.
+func (s *Session) resolve(ctx context.Context, seq int64) (bool, error) {
 	ctx, cancel := context.WithTimeout(ctx, s.cfg.Guards.IdleInTransactionTimeout+10*time.Second)
 	defer cancel()
 	conn, err := s.pool.Acquire(ctx)
@@ -670,10 +696,8 @@ func (s *Session) resolve(ctx context.Context, seq int64, pid uint32) (bool, err
 		return false, err
 	}
 	defer conn.Release()
-	if pid != 0 {
-		_, _ = conn.Exec(ctx, `SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-			WHERE pid = $1 AND application_name = $2 AND pid <> pg_backend_pid()`, int64(pid), s.appName(seq))
-	}
+	_, _ = conn.Exec(ctx, `SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+		WHERE application_name = $1 AND pid <> pg_backend_pid()`, s.appName(seq))
 	var cur int64
 	var owner *string
 	err = conn.QueryRow(ctx, `SELECT seq, owner FROM `+s.schema+`.checkpoint WHERE job = $1 FOR UPDATE`, s.cfg.Job).Scan(&cur, &owner)
