@@ -228,7 +228,15 @@ func (s *Session) Batch(ctx context.Context, cfg BatchConfig) (*BatchSession, er
 		return nil, err
 	}
 	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return nil, ErrClosed
+	}
 	b.next = s.cp.Rows + s.cp.Rejects
+	if s.batches == nil {
+		s.batches = map[*BatchSession]struct{}{}
+	}
+	s.batches[b] = struct{}{}
 	s.mu.Unlock()
 	b.cur = &batch{}
 	b.bg, b.stop = context.WithCancel(context.WithoutCancel(ctx))
@@ -602,6 +610,9 @@ func (b *BatchSession) Close(ctx context.Context) error {
 	b.sendMu.Unlock()
 	b.wg.Wait()
 	b.stop()
+	b.s.mu.Lock()
+	delete(b.s.batches, b)
+	b.s.mu.Unlock()
 	return err
 }
 

@@ -206,6 +206,7 @@ type Session struct {
 	closed bool
 	fenced bool
 	resync bool // cp.Seq may be behind the database after an abandoned in-doubt commit
+	batches map[*BatchSession]struct{} // open batch sessions, closed by Close
 	stat   statCounters
 
 	stop chan struct{}
@@ -473,15 +474,26 @@ func (s *Session) Finish(ctx context.Context) error {
 	return nil
 }
 
-// Close stops the lease renewal and releases the job's claim, so the next session
-// for the job can start at once. It does not close the pool. Close is idempotent;
-// methods called after it return ErrClosed.
+// Close closes the session's open batch sessions (committing what they buffered, as
+// BatchSession.Close does), stops the lease renewal and releases the job's claim, so
+// the next session for the job can start at once. It does not close the pool. Close
+// is idempotent; methods called after it return ErrClosed.
 func (s *Session) Close(ctx context.Context) error {
 	s.mu.Lock()
 	if s.closed {
 		s.mu.Unlock()
 		return nil
 	}
+	open := make([]*BatchSession, 0, len(s.batches))
+	for b := range s.batches {
+		open = append(open, b)
+	}
+	s.mu.Unlock()
+	var errs []error
+	for _, b := range open {
+		errs = append(errs, b.Close(ctx))
+	}
+	s.mu.Lock()
 	s.closed = true
 	s.mu.Unlock()
 	close(s.stop)
@@ -489,9 +501,9 @@ func (s *Session) Close(ctx context.Context) error {
 	_, err := s.pool.Exec(ctx, `UPDATE `+s.schema+`.checkpoint SET owner = NULL, lease_until = NULL
 		WHERE job = $1 AND owner = $2`, s.cfg.Job, s.owner)
 	if err != nil {
-		return fmt.Errorf("pgetl: release job %q: %w", s.cfg.Job, err)
+		errs = append(errs, fmt.Errorf("pgetl: release job %q: %w", s.cfg.Job, err))
 	}
-	return nil
+	return errors.Join(errs...)
 }
 
 func (s *Session) usable() error {
