@@ -370,8 +370,6 @@ func (b *BatchSession) Add(ctx context.Context, cursor string, values ...any) er
 		b.mu.Unlock()
 		return &BatchError{Job: b.s.cfg.Job, Row: idx, Cursor: cursor, Err: errors.New("pgetl: cursor must not contain a NUL byte")}
 	}
-	bt.seen++
-	bt.last = &cursor
 	if b.cfg.SQL != "" {
 		bt.vals = append(bt.vals, append([]any(nil), values...))
 		bt.idx = append(bt.idx, idx)
@@ -389,6 +387,9 @@ func (b *BatchSession) Add(ctx context.Context, cursor string, values ...any) er
 		bt.idx = append(bt.idx, idx)
 		bt.cursors = append(bt.cursors, cursor)
 	}
+	// The row is buffered or rejected: its cursor is accounted for.
+	bt.seen++
+	bt.last = &cursor
 	full := bt.rows() >= b.cfg.CommitRows || len(bt.buf) >= b.cfg.CommitBytes
 	b.mu.Unlock()
 	if !full {

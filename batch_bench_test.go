@@ -35,11 +35,6 @@ func benchTable(b *testing.B, db *pgtest.DB, name string) string {
 	return db.Schema + "." + name
 }
 
-func reportRows(b *testing.B, n int64, start time.Time) {
-	el := time.Since(start)
-	b.ReportMetric(float64(n)*float64(b.N)/el.Seconds(), "rows/s")
-}
-
 func BenchmarkBaseline(b *testing.B) {
 	db := pgtest.New(b)
 	n := benchRows(b)

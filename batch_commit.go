@@ -80,10 +80,6 @@ func (b *BatchSession) commit(ctx context.Context, bt *batch) (err error) {
 			if err != nil {
 				return &BatchError{Job: s.cfg.Job, Seq: seq, Row: -1, SQLState: sqlState(pg), Err: err}
 			}
-			if pos < 0 {
-				return &BatchError{Job: s.cfg.Job, Seq: seq, Row: -1, SQLState: pg.Code, Constraint: pg.ConstraintName,
-					Err: fmt.Errorf("pgetl: data error not reproducible by any single row of the batch: %w", pg)}
-			}
 		}
 		rej := b.rejectOf(bt, sel[pos], pg)
 		if b.cfg.Rejects == RejectFail {
@@ -342,54 +338,36 @@ func (b *BatchSession) statementAttempt(ctx context.Context, conn *pgx.Conn, seq
 	return outcomeInDoubt, firstErr
 }
 
-// bisect finds the first row of sel that fails on its own, each probe in its own
-// rolled-back transaction: O(log n) probes. It returns -1 if no single row fails.
+// bisect finds the row whose addition makes the batch fail: the smallest k such
+// that rows sel[:k] fail, by binary search over prefixes, each probe in its own
+// rolled-back transaction with constraints checked immediately: O(log n) probes. A
+// prefix (not a half) is probed so that a conflict between two rows of the batch
+// (a duplicate key) pins the later one, as COPY itself would. A probe that reports a
+// COPY line pins the row at once.
 func (b *BatchSession) bisect(ctx context.Context, seq int64, bt *batch, sel []int) (int, error) {
-	fails := func(lo, hi int) (bool, int, error) {
-		_, _, _, err := b.attempt(ctx, seq, 0, bt, sel[lo:hi], nil, nil, true)
+	lo, hi := 0, len(sel) // sel[:lo] passes; sel[:hi] fails
+	for hi-lo > 1 {
+		mid := (lo + hi) / 2
+		b.s.count("bisect_probe")
+		_, _, _, err := b.attempt(ctx, seq, 0, bt, sel[:mid], nil, nil, true)
 		if err == nil {
-			return false, -1, nil
+			lo = mid
+			continue
 		}
 		pg := pgErrorOf(err)
 		if pg == nil || !isDataError(pg.Code) {
-			return false, -1, err
+			return -1, err
 		}
 		var rerr *rowError
 		if errors.As(err, &rerr) {
-			return true, lo + rerr.pos, nil
+			return rerr.pos, nil
 		}
-		if line := copyLine(pg); line > 0 && line <= hi-lo && b.keyIx == nil {
-			return true, lo + line - 1, nil
+		if line := copyLine(pg); line > 0 && line <= mid && b.keyIx == nil {
+			return line - 1, nil
 		}
-		return true, -1, nil
+		hi = mid
 	}
-	lo, hi := 0, len(sel)
-	for probes := 0; hi-lo > 1; probes++ {
-		mid := (lo + hi) / 2
-		f, at, err := fails(lo, mid)
-		if err != nil {
-			return -1, err
-		}
-		if at >= 0 {
-			return at, nil
-		}
-		if f {
-			hi = mid
-		} else {
-			lo = mid
-		}
-		b.s.count("bisect_probe")
-	}
-	if hi-lo == 1 {
-		f, _, err := fails(lo, hi)
-		if err != nil {
-			return -1, err
-		}
-		if f {
-			return lo, nil
-		}
-	}
-	return -1, nil
+	return hi - 1, nil
 }
 
 var copyLineRE = regexp.MustCompile(`COPY [^,]+, line (\d+)(?:, column ([^:\s]+))?`)

@@ -63,7 +63,10 @@ type BatchError struct {
 // Error implements error.
 func (e *BatchError) Error() string {
 	var b strings.Builder
-	fmt.Fprintf(&b, "pgetl: job %q batch %d", e.Job, e.Seq)
+	fmt.Fprintf(&b, "pgetl: job %q", e.Job)
+	if e.Seq > 0 {
+		fmt.Fprintf(&b, " batch %d", e.Seq)
+	}
 	if e.Row >= 0 {
 		fmt.Fprintf(&b, " row %d", e.Row)
 		if e.Cursor != "" {

@@ -201,13 +201,13 @@ type Session struct {
 
 	commitMu sync.Mutex // serializes commits; held across one unit of work
 
-	mu     sync.Mutex // guards the fields below
-	cp     Checkpoint // as last committed by this session
-	closed bool
-	fenced bool
-	resync bool // cp.Seq may be behind the database after an abandoned in-doubt commit
+	mu      sync.Mutex // guards the fields below
+	cp      Checkpoint // as last committed by this session
+	closed  bool
+	fenced  bool
+	resync  bool                       // cp.Seq may be behind the database after an abandoned in-doubt commit
 	batches map[*BatchSession]struct{} // open batch sessions, closed by Close
-	stat   statCounters
+	stat    statCounters
 
 	stop chan struct{}
 	wg   sync.WaitGroup

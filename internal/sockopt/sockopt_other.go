@@ -1,0 +1,5 @@
+//go:build !linux
+
+package sockopt
+
+func read(uintptr) (Options, error) { return Options{}, ErrUnsupported }
