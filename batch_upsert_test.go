@@ -1,0 +1,143 @@
+package pgetl
+
+import (
+	"context"
+	"fmt"
+	"strconv"
+	"testing"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/pgetl/pgetl/internal/pgtest"
+	"github.com/pgetl/pgetl/internal/workload"
+	"github.com/stretchr/testify/require"
+)
+
+// TestBatchUpsert loads rows 1..n at version 1 for the odd half, then upserts all of
+// 1..n at version 2: the table must equal the generator's version 2 exactly.
+func TestBatchUpsert(t *testing.T) {
+	t.Parallel()
+	const n = 200_000
+	for _, onlyChanged := range []bool{false, true} {
+		t.Run(fmt.Sprintf("only_changed=%v", onlyChanged), func(t *testing.T) {
+			t.Parallel()
+			db := pgtest.New(t)
+			ctx := context.Background()
+			tbl := pgx.Identifier{db.Schema, "products"}.Sanitize()
+			db.Exec(t, workload.CreateSQL(tbl, true))
+			_, err := db.Pool.CopyFrom(ctx, pgx.Identifier{db.Schema, "products"}, workload.Columns, &oddSource{i: 1, n: n})
+			require.NoError(t, err)
+			var before int64
+			require.NoError(t, db.Pool.QueryRow(ctx, "SELECT max(id) FROM "+tbl).Scan(&before))
+
+			s, err := NewSession(ctx, db.Pool, SessionConfig{Job: "upsert", CheckpointSchema: db.Schema})
+			require.NoError(t, err)
+			defer s.Close(ctx)
+			b, err := s.Batch(ctx, BatchConfig{Table: db.Schema + ".products", Columns: workload.Columns, Key: []string{"sku"}, OnlyChanged: onlyChanged})
+			require.NoError(t, err)
+			for i := int64(1); i <= n; i++ {
+				require.NoError(t, b.Add(ctx, strconv.FormatInt(i, 10), workload.Row(i, 2).Values()...))
+			}
+			require.NoError(t, b.Close(ctx))
+			cnt, sum, err := workload.QueryChecksum(ctx, db.Pool, tbl)
+			require.NoError(t, err)
+			wc, ws := workload.Checksum(n, 2)
+			require.Equal(t, wc, cnt)
+			require.Equal(t, ws, sum, "table content equals version 2 of the generator")
+			// Existing rows were updated in place (same id), not re-inserted.
+			require.Equal(t, int64(n/2), db.Int(t, "SELECT count(*) FROM "+tbl+" WHERE id <= $1", before))
+			require.Equal(t, int64(n), s.Stat().Rows())
+		})
+	}
+}
+
+// oddSource yields version 1 of the odd rows 1..n.
+type oddSource struct{ i, n int64 }
+
+func (s *oddSource) Next() bool { s.i += 2; return s.i-2 <= s.n }
+func (s *oddSource) Values() ([]any, error) {
+	return workload.Row(s.i-2, 1).Values(), nil
+}
+func (s *oddSource) Err() error { return nil }
+
+// TestBatchUpsertDuplicateKeys: a key that appears several times in one batch does
+// not make ON CONFLICT fail; the last row wins. A rerun with OnlyChanged rewrites
+// nothing.
+func TestBatchUpsertDuplicateKeys(t *testing.T) {
+	t.Parallel()
+	db := pgtest.New(t)
+	ctx := context.Background()
+	tbl := pgx.Identifier{db.Schema, "products"}.Sanitize()
+	db.Exec(t, workload.CreateSQL(tbl, true))
+	s, err := NewSession(ctx, db.Pool, SessionConfig{Job: "dups", CheckpointSchema: db.Schema})
+	require.NoError(t, err)
+	defer s.Close(ctx)
+	cfg := BatchConfig{Table: db.Schema + ".products", Columns: workload.Columns, Key: []string{"sku"}, OnlyChanged: true, CommitRows: 50}
+	b, err := s.Batch(ctx, cfg)
+	require.NoError(t, err)
+	for v := int64(1); v <= 3; v++ {
+		for i := int64(1); i <= 20; i++ {
+			require.NoError(t, b.Add(ctx, fmt.Sprint(v, ":", i), workload.Row(i, v).Values()...))
+		}
+	}
+	require.NoError(t, b.Close(ctx))
+	cnt, sum, err := workload.QueryChecksum(ctx, db.Pool, tbl)
+	require.NoError(t, err)
+	wc, ws := workload.Checksum(20, 3)
+	require.Equal(t, wc, cnt)
+	require.Equal(t, ws, sum)
+
+	xmin := db.Int(t, "SELECT sum(xmin::text::bigint) FROM "+tbl)
+	b, err = s.Batch(ctx, cfg)
+	require.NoError(t, err)
+	for i := int64(1); i <= 20; i++ {
+		require.NoError(t, b.Add(ctx, fmt.Sprint("again:", i), workload.Row(i, 3).Values()...))
+	}
+	require.NoError(t, b.Close(ctx))
+	require.Equal(t, xmin, db.Int(t, "SELECT sum(xmin::text::bigint) FROM "+tbl), "unchanged rows are not rewritten")
+}
+
+func TestBatchUpsertBadKey(t *testing.T) {
+	t.Parallel()
+	db := pgtest.New(t)
+	ctx := context.Background()
+	db.Exec(t, "CREATE TABLE t (k text, v int)")
+	s, err := NewSession(ctx, db.Pool, SessionConfig{Job: "badkey", CheckpointSchema: db.Schema})
+	require.NoError(t, err)
+	defer s.Close(ctx)
+	_, err = s.Batch(ctx, BatchConfig{Table: db.Schema + ".t", Columns: []string{"k", "v"}, Key: []string{"k"}})
+	require.ErrorContains(t, err, "42P10", "no unique index matches the key: reported at Batch")
+	_, err = s.Batch(ctx, BatchConfig{Table: db.Schema + ".t", Columns: []string{"k", "v"}, Key: []string{"x"}})
+	require.ErrorContains(t, err, `key column "x" is not in Columns`)
+}
+
+// TestBatchStatementPath runs a user statement per row, pipelined, with a bad row
+// pinned by its statement.
+func TestBatchStatementPath(t *testing.T) {
+	t.Parallel()
+	bd := setupItems(t)
+	ctx := context.Background()
+	bd.db.Exec(t, "CREATE TABLE totals (k int PRIMARY KEY, n bigint NOT NULL)")
+	s := bd.session(t, "stmt")
+	b, err := s.Batch(ctx, BatchConfig{
+		SQL:     "INSERT INTO " + bd.db.Schema + ".totals AS t (k, n) VALUES ($1, $2) ON CONFLICT (k) DO UPDATE SET n = t.n + EXCLUDED.n",
+		Columns: []string{"k", "n"}, CommitRows: 300, Rejects: RejectToTable,
+	})
+	require.NoError(t, err)
+	for i := int64(1); i <= 1000; i++ {
+		var n any = i
+		if i == 555 {
+			n = nil // NOT NULL violation, pinned to its statement
+		}
+		require.NoError(t, b.Add(ctx, strconv.FormatInt(i, 10), i%10, n))
+	}
+	require.NoError(t, b.Close(ctx))
+	require.Equal(t, int64(10), bd.db.Int(t, "SELECT count(*) FROM totals"))
+	require.Equal(t, int64(1000*1001/2-555), bd.db.Int(t, "SELECT sum(n)::bigint FROM totals"))
+	require.Equal(t, int64(554), bd.db.Int(t, "SELECT row_index FROM reject WHERE job = 'stmt'"))
+	cp, err := s.Checkpoint(ctx)
+	require.NoError(t, err)
+	require.Equal(t, "1000", cp.Cursor)
+
+	_, err = s.Batch(ctx, BatchConfig{SQL: "INSERT INTO nowhere VALUES ($1)"})
+	require.ErrorContains(t, err, "42P01")
+}
