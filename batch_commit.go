@@ -73,8 +73,6 @@ func (b *BatchSession) commit(ctx context.Context, bt *batch) (err error) {
 		pos := -1
 		if errors.As(err, &rerr) {
 			pos = rerr.pos
-		} else if line := copyLine(pg); line > 0 && line <= len(sel) {
-			pos = line - 1
 		} else {
 			pos, err = b.bisect(ctx, seq, bt, sel)
 			if err != nil {
@@ -193,7 +191,8 @@ func (b *BatchSession) selectRows(bt *batch) (sel []int, merged int64) {
 	return sel, merged
 }
 
-// rowError pins a statement-path failure to a position in the rows sent.
+// rowError pins a failure to a position in the rows sent: from a COPY error's
+// CONTEXT line, or the failing statement of the statement path.
 type rowError struct {
 	pos int
 	err error
@@ -236,20 +235,31 @@ func (b *BatchSession) attempt(ctx context.Context, seq int64, n int, bt *batch,
 		q.WriteString("SET CONSTRAINTS ALL IMMEDIATE;")
 	}
 	q.WriteString(b.sql.stageStmt)
-	q.WriteString(b.sql.copyStmt)
+	copies, nbytes := b.copyData(bt, sel)
+	for range copies {
+		q.WriteString(b.sql.copyStmt)
+	}
 	q.WriteString(b.sql.merge)
 	if probe {
 		q.WriteString("ROLLBACK")
 	} else {
 		q.WriteString(b.rejectSQL(seq, rejects))
-		q.WriteString(s.advanceSQL(seq, cursor, int64(len(sel)), int64(len(rejects))))
+		if !s.cfg.skipCheckpoint {
+			q.WriteString(s.advanceSQL(seq, cursor, int64(len(sel)), int64(len(rejects))))
+		}
 		q.WriteString("COMMIT")
 	}
-	bufs, nbytes := b.copyData(bt, sel)
-	tag, err := pgc.CopyFrom(ctx, &bufs, q.String())
+	tag, done, err := sendBatch(ctx, pgc, q.String(), copies)
+	if pg := pgErrorOf(err); pg != nil && isDataError(pg.Code) {
+		if line := copyLine(pg); line > 0 && done < len(copies) {
+			if pos := done*copyChunkRows(len(sel)) + line - 1; pos < len(sel) {
+				err = &rowError{pos: pos, err: err}
+			}
+		}
+	}
 	if err == nil {
-		if want := map[bool]string{true: "ROLLBACK", false: "COMMIT"}[probe]; tag.String() != want {
-			return outcomeFailed, pid, nbytes, fmt.Errorf("pgetl: batch ended with %q, not %s", tag.String(), want)
+		if want := map[bool]string{true: "ROLLBACK", false: "COMMIT"}[probe]; tag != want {
+			return outcomeFailed, pid, nbytes, fmt.Errorf("pgetl: batch ended with %q, not %s", tag, want)
 		}
 		return outcomeCommitted, pid, nbytes, nil
 	}
@@ -269,21 +279,30 @@ func (b *BatchSession) attempt(ctx context.Context, seq int64, n int, bt *batch,
 	return outcomeInDoubt, pid, nbytes, err
 }
 
-// copyData returns the binary COPY stream of rows sel of bt, without copying them.
-func (b *BatchSession) copyData(bt *batch, sel []int) (net.Buffers, int64) {
-	bufs := net.Buffers{copyHeader}
-	n := int64(len(copyHeader) + len(copyTrailer))
-	for i := 0; i < len(sel); {
-		j := i
-		for j+1 < len(sel) && sel[j+1] == sel[j]+1 {
-			j++
+// copyData returns the binary COPY streams of rows sel of bt, one per COPY
+// statement (see copyChunkRows), without copying the rows.
+func (b *BatchSession) copyData(bt *batch, sel []int) ([]net.Buffers, int64) {
+	chunk := copyChunkRows(len(sel))
+	var copies []net.Buffers
+	var n int64
+	for len(sel) > 0 || copies == nil {
+		part := sel[:min(chunk, len(sel))]
+		sel = sel[len(part):]
+		bufs := net.Buffers{copyHeader}
+		n += int64(len(copyHeader) + len(copyTrailer))
+		for i := 0; i < len(part); {
+			j := i
+			for j+1 < len(part) && part[j+1] == part[j]+1 {
+				j++
+			}
+			seg := bt.buf[bt.offs[part[i]]:bt.end(part[j])]
+			bufs = append(bufs, seg)
+			n += int64(len(seg))
+			i = j + 1
 		}
-		seg := bt.buf[bt.offs[sel[i]]:bt.end(sel[j])]
-		bufs = append(bufs, seg)
-		n += int64(len(seg))
-		i = j + 1
+		copies = append(copies, append(bufs, copyTrailer))
 	}
-	return append(bufs, copyTrailer), n
+	return copies, n
 }
 
 // statementAttempt runs the statement path: the rows' statements pipelined between
@@ -361,9 +380,6 @@ func (b *BatchSession) bisect(ctx context.Context, seq int64, bt *batch, sel []i
 		var rerr *rowError
 		if errors.As(err, &rerr) {
 			return rerr.pos, nil
-		}
-		if line := copyLine(pg); line > 0 && line <= mid && b.keyIx == nil {
-			return line - 1, nil
 		}
 		hi = mid
 	}

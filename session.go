@@ -78,6 +78,11 @@ type SessionConfig struct {
 	// OnRetryFunc, if set, is called before each retry of a failed attempt.
 	OnRetryFunc func(RetryEvent)
 
+	// skipCheckpoint leaves the checkpoint out of batch transactions, for the
+	// benchmark that measures its cost. Never set outside benchmarks: without the
+	// checkpoint there is no fencing and no in-doubt resolution.
+	skipCheckpoint bool
+
 	// beforeCommit is a test hook called after an attempt's statements are sent and
 	// before its COMMIT (Tx) or before its single message is written (batches).
 	beforeCommit func(ctx context.Context, seq int64, attempt int, pgConn *pgconn.PgConn)
