@@ -52,6 +52,17 @@ type BatchConfig struct {
 	// INSERT … ON CONFLICT (Key) DO UPDATE. Within one batch, the last row of a key
 	// wins.
 	Key []string
+	// KeyCache, with a single-column Key, switches the upsert to its second
+	// strategy: rows whose key the cache holds are staged and updated with one
+	// UPDATE … FROM (nested loops over the key's index); the others are COPYed
+	// straight into the table, which is cheaper than INSERT … ON CONFLICT. If the
+	// cache is wrong for a batch (a key it takes for new exists: a unique violation
+	// on the key's index; or a key it holds is missing: fewer rows updated than
+	// known), the batch is rolled back and retried as a merge, so a stale cache costs
+	// one retry, never rows. Keys a batch inserted are added to the cache after it
+	// commits. A [Cache] of K to struct{}, preloaded from the table's key column, is
+	// a KeySet. It cannot be combined with OnlyChanged.
+	KeyCache KeySet
 	// OnlyChanged, with Key, updates an existing row only if some column differs
 	// (… WHERE target IS DISTINCT FROM source), so re-running a sync does not rewrite
 	// unchanged rows.
@@ -84,6 +95,15 @@ type BatchConfig struct {
 	// OnCommitFunc, if set, is called after each batch commits, from the goroutine
 	// that committed it (not the one calling Add). It must not block for long.
 	OnCommitFunc func(BatchResult)
+}
+
+// KeySet is the set of keys that exist in an upsert's target table, as seen by
+// [BatchConfig.KeyCache].
+type KeySet interface {
+	// HasKey reports whether key (the key column's value as passed to Add) exists.
+	HasKey(key any) bool
+	// AddKeys records keys that a committed batch inserted.
+	AddKeys(keys []any)
 }
 
 // BatchResult describes a committed batch.
@@ -127,8 +147,10 @@ type BatchSession struct {
 	m     *pgtype.Map
 	keyIx []int // positions of Key in Columns
 	sql   struct {
-		copyStmt, merge, stageStmt string
+		copyStmt, copyNew, merge, stageStmt string
+		update                              string // with a key cache: known rows, %d = their count
 	}
+	keyIndexes map[string]bool // names of the unique indexes on Key
 
 	sendMu sync.Mutex // held while a batch is swapped out and handed to the flusher
 	mu     sync.Mutex // guards cur, err, closed, next
@@ -150,6 +172,9 @@ type batch struct {
 	idx     []int64  // job-wide index of each row
 	cursors []string // cursor of each row
 	keys    []string // upsert: the encoded key of each row
+	keyVals []any    // upsert with a key cache: the key of each row
+	known   []bool   // upsert with a key cache: whether the row's key exists
+	stale   bool     // upsert with a key cache: the cache was wrong for this batch; merge it
 	vals    [][]any  // statement path: the values of each row
 	rejects []Reject // rows rejected by Add (encode failures)
 	last    *string  // cursor of the last row added (rejected or not)
@@ -159,6 +184,7 @@ type batch struct {
 func (bt *batch) reset() {
 	bt.buf, bt.offs, bt.idx, bt.cursors = bt.buf[:0], bt.offs[:0], bt.idx[:0], bt.cursors[:0]
 	bt.keys, bt.vals, bt.rejects, bt.last, bt.seen = bt.keys[:0], bt.vals[:0], nil, nil, 0
+	bt.keyVals, bt.known, bt.stale = bt.keyVals[:0], bt.known[:0], false
 }
 
 func (bt *batch) rows() int { return len(bt.idx) }
@@ -328,6 +354,40 @@ func (b *BatchSession) describe(ctx context.Context) error {
 	b.sql.stageStmt = "CREATE TEMP TABLE pgetl_stage ON COMMIT DROP AS SELECT " + b.cols + " FROM " + b.table + " WITH NO DATA;"
 	b.sql.copyStmt = "COPY pgetl_stage (" + b.cols + ") FROM STDIN (FORMAT binary);"
 	b.sql.merge = merge + ";"
+	if cfg.KeyCache != nil {
+		if len(cfg.Key) != 1 {
+			return errors.New("pgetl: BatchConfig.KeyCache needs a single-column Key")
+		}
+		if cfg.OnlyChanged || len(set) == 0 {
+			return errors.New("pgetl: BatchConfig.KeyCache cannot be combined with OnlyChanged or a Key that is all the Columns")
+		}
+		k := keys[0]
+		var upd []string
+		for _, c := range set {
+			upd = append(upd, strings.Replace(c, "EXCLUDED.", "s.", 1))
+		}
+		// Nested loops over the key's index: a hash join would read the whole table
+		// for every batch. expect_rows fails the batch (PGK01) if a key the cache
+		// holds is missing from the table, and the batch is then retried as a merge.
+		b.sql.update = "SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off; WITH u AS (UPDATE " + b.table +
+			" AS t SET " + strings.Join(upd, ", ") + " FROM pgetl_stage s WHERE t." + k + " = s." + k + " RETURNING 1) SELECT " +
+			b.s.schema + ".expect_rows((SELECT count(*) FROM u), %d);"
+		b.sql.copyNew = "COPY " + b.table + " (" + b.cols + ") FROM STDIN (FORMAT binary);"
+		rows, err := conn.Query(ctx, `SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+			WHERE i.indrelid = $1::regclass AND i.indisunique AND i.indnatts = 1
+			AND (SELECT attname FROM pg_attribute WHERE attrelid = i.indrelid AND attnum = i.indkey[0]) = $2`, b.table, cfg.Key[0])
+		if err != nil {
+			return fmt.Errorf("pgetl: batch: unique indexes of %s: %w", cfg.Table, err)
+		}
+		names, err := pgx.CollectRows(rows, pgx.RowTo[string])
+		if err != nil {
+			return fmt.Errorf("pgetl: batch: unique indexes of %s: %w", cfg.Table, err)
+		}
+		b.keyIndexes = map[string]bool{}
+		for _, n := range names {
+			b.keyIndexes[n] = true
+		}
+	}
 	// EXPLAIN plans the merge without running it: it checks that a unique index
 	// matches Key now rather than at the first flush.
 	if _, err := conn.Exec(ctx, "BEGIN; "+b.sql.stageStmt+" EXPLAIN (COSTS OFF) "+merge+"; ROLLBACK"); err != nil {
@@ -386,6 +446,11 @@ func (b *BatchSession) Add(ctx context.Context, cursor string, values ...any) er
 	} else {
 		bt.idx = append(bt.idx, idx)
 		bt.cursors = append(bt.cursors, cursor)
+		if kc := b.cfg.KeyCache; kc != nil {
+			k := values[b.keyIx[0]]
+			bt.keyVals = append(bt.keyVals, k)
+			bt.known = append(bt.known, kc.HasKey(k))
+		}
 	}
 	// The row is buffered or rejected: its cursor is accounted for.
 	bt.seen++

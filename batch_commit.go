@@ -51,6 +51,7 @@ func (b *BatchSession) commit(ctx context.Context, bt *batch) (err error) {
 	sel, merged := b.selectRows(bt)
 	rejects := append([]Reject(nil), bt.rejects...)
 	for {
+		sel = b.knownFirst(bt, sel)
 		if err := b.checkRejects(bt, rejects); err != nil {
 			return err
 		}
@@ -63,10 +64,14 @@ func (b *BatchSession) commit(ctx context.Context, bt *batch) (err error) {
 		if err == nil {
 			rows := int64(len(sel)) + merged
 			b.committed(seq, bt.last, rows, rejects, sent, t0)
+			b.publishKeys(bt, sel)
 			return nil
 		}
 		pg := pgErrorOf(err)
 		var rerr *rowError
+		if pg != nil && ctx.Err() == nil && b.staleKey(bt, pg) {
+			continue // retry the batch as a merge
+		}
 		if ctx.Err() != nil || pg == nil || !isDataError(pg.Code) {
 			return &BatchError{Job: s.cfg.Job, Seq: seq, Row: -1, SQLState: sqlState(pg), Err: err}
 		}
@@ -235,11 +240,31 @@ func (b *BatchSession) attempt(ctx context.Context, seq int64, n int, bt *batch,
 		q.WriteString("SET CONSTRAINTS ALL IMMEDIATE;")
 	}
 	q.WriteString(b.sql.stageStmt)
-	copies, nbytes := b.copyData(bt, sel)
+	// With a key cache, sel holds the known keys first (staged, then one UPDATE …
+	// FROM), then the new ones (COPYed straight into the table).
+	known, cached := len(sel), b.cfg.KeyCache != nil && !bt.stale
+	if cached {
+		known = 0
+		for known < len(sel) && bt.known[sel[known]] {
+			known++
+		}
+	}
+	copies, starts, nbytes := b.copyData(bt, sel[:known], 0)
 	for range copies {
 		q.WriteString(b.sql.copyStmt)
 	}
-	q.WriteString(b.sql.merge)
+	if known < len(sel) {
+		c2, s2, n2 := b.copyData(bt, sel[known:], known)
+		for range c2 {
+			q.WriteString(b.sql.copyNew)
+		}
+		copies, starts, nbytes = append(copies, c2...), append(starts, s2...), nbytes+n2
+	}
+	if cached {
+		fmt.Fprintf(&q, b.sql.update, known)
+	} else {
+		q.WriteString(b.sql.merge)
+	}
 	if probe {
 		q.WriteString("ROLLBACK")
 	} else {
@@ -252,7 +277,7 @@ func (b *BatchSession) attempt(ctx context.Context, seq int64, n int, bt *batch,
 	tag, done, err := sendBatch(ctx, pgc, q.String(), copies)
 	if pg := pgErrorOf(err); pg != nil && isDataError(pg.Code) {
 		if line := copyLine(pg); line > 0 && done < len(copies) {
-			if pos := done*copyChunkRows(len(sel)) + line - 1; pos < len(sel) {
+			if pos := starts[done] + line - 1; pos < len(sel) {
 				err = &rowError{pos: pos, err: err}
 			}
 		}
@@ -280,14 +305,15 @@ func (b *BatchSession) attempt(ctx context.Context, seq int64, n int, bt *batch,
 }
 
 // copyData returns the binary COPY streams of rows sel of bt, one per COPY
-// statement (see copyChunkRows), without copying the rows.
-func (b *BatchSession) copyData(bt *batch, sel []int) ([]net.Buffers, int64) {
+// statement (see copyChunkRows), without copying the rows, and the position in the
+// batch's sent rows (sel starting at offset) of each stream's first row.
+func (b *BatchSession) copyData(bt *batch, sel []int, offset int) ([]net.Buffers, []int, int64) {
 	chunk := copyChunkRows(len(sel))
 	var copies []net.Buffers
+	var starts []int
 	var n int64
-	for len(sel) > 0 || copies == nil {
-		part := sel[:min(chunk, len(sel))]
-		sel = sel[len(part):]
+	for pos := 0; pos < len(sel) || copies == nil; pos += chunk {
+		part := sel[pos:min(pos+chunk, len(sel))]
 		bufs := net.Buffers{copyHeader}
 		n += int64(len(copyHeader) + len(copyTrailer))
 		for i := 0; i < len(part); {
@@ -301,8 +327,9 @@ func (b *BatchSession) copyData(bt *batch, sel []int) ([]net.Buffers, int64) {
 			i = j + 1
 		}
 		copies = append(copies, append(bufs, copyTrailer))
+		starts = append(starts, offset+pos)
 	}
-	return copies, n
+	return copies, starts, n
 }
 
 // statementAttempt runs the statement path: the rows' statements pipelined between
@@ -514,4 +541,59 @@ func (b *BatchSession) rejectSQL(seq int64, rejects []Reject) string {
 	}
 	q.WriteString(" ON CONFLICT (job, row_index) DO UPDATE SET seq = EXCLUDED.seq, cursor = EXCLUDED.cursor, sqlstate = EXCLUDED.sqlstate, message = EXCLUDED.message, column_name = EXCLUDED.column_name, constraint_name = EXCLUDED.constraint_name, row = EXCLUDED.row, created_at = now();")
 	return q.String()
+}
+
+// knownFirst orders sel with the rows whose key the key cache holds first (they are
+// updated), the new ones after (they are inserted), each group in batch order.
+func (b *BatchSession) knownFirst(bt *batch, sel []int) []int {
+	if b.cfg.KeyCache == nil || bt.stale {
+		return sel
+	}
+	out := make([]int, 0, len(sel))
+	for _, i := range sel {
+		if bt.known[i] {
+			out = append(out, i)
+		}
+	}
+	for _, i := range sel {
+		if !bt.known[i] {
+			out = append(out, i)
+		}
+	}
+	return out
+}
+
+// staleKey reports whether the key cache was wrong for this batch: a row sent as
+// new failed on the key's unique index (another writer inserted it, or the cache was
+// not preloaded), or fewer rows were updated than the cache knew (PGK01: a key was
+// deleted elsewhere). The batch is then retried as a merge (INSERT … ON CONFLICT),
+// which is right whatever the cache says: a stale cache costs one retry.
+func (b *BatchSession) staleKey(bt *batch, pg *pgconn.PgError) bool {
+	if b.cfg.KeyCache == nil || bt.stale {
+		return false
+	}
+	if pg.Code != codeRowsMismatch && (pg.Code != "23505" || !b.keyIndexes[pg.ConstraintName]) {
+		return false
+	}
+	bt.stale = true
+	b.s.count("stale_key")
+	return true
+}
+
+// publishKeys adds the keys of a committed batch that the key cache lacked (the
+// inserted ones, and existing ones it did not know) to it.
+func (b *BatchSession) publishKeys(bt *batch, sel []int) {
+	kc := b.cfg.KeyCache
+	if kc == nil {
+		return
+	}
+	var keys []any
+	for _, i := range sel {
+		if k := bt.keyVals[i]; !kc.HasKey(k) {
+			keys = append(keys, k)
+		}
+	}
+	if len(keys) > 0 {
+		b.cfg.KeyCache.AddKeys(keys)
+	}
 }

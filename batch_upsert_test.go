@@ -141,3 +141,45 @@ func TestBatchStatementPath(t *testing.T) {
 	_, err = s.Batch(ctx, BatchConfig{SQL: "INSERT INTO nowhere VALUES ($1)"})
 	require.ErrorContains(t, err, "42P01")
 }
+
+// TestBatchUpsertKeyCache: the key-cache strategy gives the same table as the merge,
+// also with a stale cache: keys it lacks (inserted by someone else) are updated, and
+// keys it holds that the table lost are inserted.
+func TestBatchUpsertKeyCache(t *testing.T) {
+	t.Parallel()
+	const n = 50_000
+	db := pgtest.New(t)
+	ctx := context.Background()
+	tbl := pgx.Identifier{db.Schema, "products"}.Sanitize()
+	db.Exec(t, workload.CreateSQL(tbl, true))
+	_, err := db.Pool.CopyFrom(ctx, pgx.Identifier{db.Schema, "products"}, workload.Columns, &oddSource{i: 1, n: n})
+	require.NoError(t, err)
+
+	keys, err := NewCache[string, struct{}](CacheConfig{})
+	require.NoError(t, err)
+	require.NoError(t, keys.Preload(ctx, db.Pool, Lookup{Table: tbl, Key: "sku"}))
+	require.Equal(t, int64(n/2), keys.Stat().Len())
+	// Stale both ways: 100 existing keys the cache does not know, 100 known keys the
+	// table lost.
+	db.Exec(t, "INSERT INTO "+tbl+" (sku, name, price, inventory, updated_at) SELECT sku, 'x', 0, 0, now() FROM generate_series(2, 200, 2) i, LATERAL (SELECT 'SKU-' || lpad(i::text, 7, '0') AS sku) s")
+	db.Exec(t, "DELETE FROM "+tbl+" WHERE sku IN (SELECT 'SKU-' || lpad(i::text, 7, '0') FROM generate_series(1001, 1199, 2) i)")
+
+	s, err := NewSession(ctx, db.Pool, SessionConfig{Job: "keycache", CheckpointSchema: db.Schema})
+	require.NoError(t, err)
+	defer s.Close(ctx)
+	b, err := s.Batch(ctx, BatchConfig{Table: db.Schema + ".products", Columns: workload.Columns, Key: []string{"sku"}, KeyCache: keys})
+	require.NoError(t, err)
+	for i := int64(1); i <= n; i++ {
+		require.NoError(t, b.Add(ctx, strconv.FormatInt(i, 10), workload.Row(i, 2).Values()...))
+	}
+	require.NoError(t, b.Close(ctx))
+	cnt, sum, err := workload.QueryChecksum(ctx, db.Pool, tbl)
+	require.NoError(t, err)
+	wc, ws := workload.Checksum(n, 2)
+	require.Equal(t, wc, cnt)
+	require.Equal(t, ws, sum)
+	require.Equal(t, int64(n), keys.Stat().Len(), "inserted keys were added after commit")
+	require.Positive(t, s.Stat().Retries()["stale_key"])
+	require.LessOrEqual(t, s.Stat().Retries()["stale_key"], int64(n/CommitRowsDefault+1), "at most one retry per batch")
+	t.Logf("stale-key retries: %d", s.Stat().Retries()["stale_key"])
+}

@@ -59,7 +59,8 @@ type Lookup struct {
 	// index on it to be fast. Required.
 	Key string
 	// Value is the value column (a plain column name, quoted by pgetl), e.g. the
-	// table's id. Required.
+	// table's id. Required, except by Preload into a key set (a Cache of K to
+	// struct{}), which reads only the keys.
 	Value string
 	// KeyType is the SQL type in which keys are sent as an array (keys travel as
 	// $1::KeyType[]). Defaults to "text" for keys whose underlying type is string, "int8"
@@ -84,7 +85,7 @@ func (l Lookup) validate(method string) error {
 		return fmt.Errorf("pgetl: Cache.%s: Lookup.Table is required", method)
 	case l.Key == "":
 		return fmt.Errorf("pgetl: Cache.%s: Lookup.Key is required", method)
-	case l.Value == "":
+	case l.Value == "" && method != "Preload":
 		return fmt.Errorf("pgetl: Cache.%s: Lookup.Value is required", method)
 	case l.PageSize < 0:
 		return fmt.Errorf("pgetl: Cache.%s: Lookup.PageSize must not be negative", method)
@@ -449,6 +450,9 @@ func (c *Cache[K, V]) Preload(ctx context.Context, db Querier, src Lookup) error
 		pageSize = LookupPageSizeDefault
 	}
 	key, val := pgx.Identifier{src.Key}.Sanitize(), pgx.Identifier{src.Value}.Sanitize()
+	if src.Value == "" {
+		val = "NULL" // a key set: the values stay V's zero value
+	}
 	cond := key + " IS NOT NULL"
 	if src.Where != "" {
 		cond = "(" + src.Where + ") AND " + cond
@@ -471,7 +475,11 @@ func (c *Cache[K, V]) Preload(ctx context.Context, db Querier, src Lookup) error
 		for rows.Next() {
 			var k K
 			var v V
-			if err := rows.Scan(&k, &v); err != nil {
+			var vp any = &v
+			if src.Value == "" {
+				vp = nil // pgx skips a nil destination
+			}
+			if err := rows.Scan(&k, vp); err != nil {
 				rows.Close()
 				return fmt.Errorf("pgetl: Cache.Preload from %s: %w", src.Table, err)
 			}
@@ -609,6 +617,9 @@ func (c *Cache[K, V]) getOrCreate(ctx context.Context, tx pgx.Tx, src Lookup, ke
 func (c *Cache[K, V]) create(ctx context.Context, tx pgx.Tx, src Lookup, keyType string, missing []K,
 	insert func(K) []any, method string) (map[K]V, error) {
 	key, val := pgx.Identifier{src.Key}.Sanitize(), pgx.Identifier{src.Value}.Sanitize()
+	if src.Value == "" {
+		val = "NULL" // a key set: the values stay V's zero value
+	}
 	var sql string
 	var arg any = missing
 	if insert == nil {
@@ -782,4 +793,27 @@ func (c *Cache[K, V]) drop(ht commitHooks, st *cacheStage[K, V], keyed bool) {
 		delete(c.stages, ht)
 	}
 	st.m = nil
+}
+
+// HasKey reports whether the cache holds key (of type K), so a Cache of K to
+// struct{} serves as a [KeySet] for [BatchConfig.KeyCache].
+func (c *Cache[K, V]) HasKey(key any) bool {
+	k, ok := key.(K)
+	if !ok {
+		return false
+	}
+	_, ok = c.Get(k)
+	return ok
+}
+
+// AddKeys puts keys (of type K) with V's zero value; as a [KeySet], a batch calls it
+// with the keys it inserted, after its commit. Use it on a Cache of K to struct{}:
+// for another V the zero value would stand for the key's real value.
+func (c *Cache[K, V]) AddKeys(keys []any) {
+	var zero V
+	for _, key := range keys {
+		if k, ok := key.(K); ok {
+			c.Put(k, zero)
+		}
+	}
 }

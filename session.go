@@ -308,6 +308,13 @@ BEGIN
 	END IF;
 	RAISE EXCEPTION 'pgetl: job % checkpoint at batch %, cannot advance to %', p_job, cur_seq, p_seq USING ERRCODE = 'PGF03';
 END
+$pgetl$;
+CREATE OR REPLACE FUNCTION ` + sch + `.expect_rows(p_got bigint, p_want bigint) RETURNS void LANGUAGE plpgsql AS $pgetl$
+BEGIN
+	IF p_got <> p_want THEN
+		RAISE EXCEPTION 'pgetl: % rows matched, % expected', p_got, p_want USING ERRCODE = 'PGK01';
+	END IF;
+END
 $pgetl$;`
 	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
@@ -320,8 +327,8 @@ $pgetl$;`
 	// once the tables were made.
 	var ready bool
 	err = conn.QueryRow(ctx, `SELECT to_regclass($1) IS NOT NULL AND to_regclass($2) IS NOT NULL
-		AND to_regprocedure($3) IS NOT NULL`, sch+".checkpoint", sch+".reject",
-		sch+".advance(text,text,bigint,text,bigint,bigint,interval)").Scan(&ready)
+		AND to_regprocedure($3) IS NOT NULL AND to_regprocedure($4) IS NOT NULL`, sch+".checkpoint", sch+".reject",
+		sch+".advance(text,text,bigint,text,bigint,bigint,interval)", sch+".expect_rows(bigint,bigint)").Scan(&ready)
 	if err != nil {
 		return fmt.Errorf("pgetl: set up checkpoint table in schema %s: %w", sch, err)
 	}
@@ -339,6 +346,7 @@ const (
 	codeFenced           = "PGF01"
 	codeAlreadyCommitted = "PGF02"
 	codeCheckpointGap    = "PGF03"
+	codeRowsMismatch     = "PGK01" // expect_rows: an upsert's key cache was stale
 )
 
 func (s *Session) claim(ctx context.Context) error {

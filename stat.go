@@ -46,15 +46,18 @@ func (st Stat) FlushDuration() time.Duration { return time.Duration(st.c.flushNa
 
 // Retries returns the number of retried attempts by failure class ("connection",
 // "server_shutdown", "serialization", "deadlock", "lock_timeout", "read_only",
-// "too_many_connections", "idle_timeout", "sqlstate_XXXXX"), and the in-doubt
-// commits found committed ("in_doubt_committed").
+// "too_many_connections", "idle_timeout", "sqlstate_XXXXX", "stale_key" for an
+// upsert batch retried because its key cache was stale), the in-doubt commits
+// found committed ("in_doubt_committed") and the probes spent isolating bad rows
+// ("bisect_probe").
 func (st Stat) Retries() map[string]int64 { return maps.Clone(st.c.retries) }
 
-// TotalRetries returns the number of retried attempts of all classes.
+// TotalRetries returns the number of retried attempts of all classes (not counting
+// in-doubt resolutions and bisection probes).
 func (st Stat) TotalRetries() int64 {
 	var n int64
 	for k, v := range st.c.retries {
-		if k != "in_doubt_committed" {
+		if k != "in_doubt_committed" && k != "bisect_probe" {
 			n += v
 		}
 	}
