@@ -41,8 +41,9 @@ const (
 
 // BatchConfig configures a [BatchSession].
 type BatchConfig struct {
-	// Table is the target table, optionally schema-qualified ("sales.orders").
-	// Required unless SQL is set.
+	// Table is the target table, optionally schema-qualified ("sales.orders"), or
+	// an already quoted name such as pgx.Identifier{"Sales", "my.orders"}.Sanitize()
+	// (any name holding a double quote is used as is). Required unless SQL is set.
 	Table string
 	// Columns are the target columns, in the order of the values passed to Add.
 	Columns []string
@@ -93,7 +94,8 @@ type BatchConfig struct {
 	MaxRejectRatio float64
 
 	// OnCommitFunc, if set, is called after each batch commits, from the goroutine
-	// that committed it (not the one calling Add). It must not block for long.
+	// that committed it (not the one calling Add), while the session's next commit
+	// waits: it must not block for long, nor call the Session's Tx or Finish.
 	OnCommitFunc func(BatchResult)
 }
 
@@ -271,8 +273,13 @@ func (s *Session) Batch(ctx context.Context, cfg BatchConfig) (*BatchSession, er
 	return b, nil
 }
 
-// tableIdent quotes a possibly schema-qualified table name.
+// tableIdent quotes a possibly schema-qualified table name ("sales.orders"); a name
+// that holds a double quote is taken as already quoted SQL (pgx.Identifier's
+// Sanitize), for names that contain dots or capitals.
 func tableIdent(name string) string {
+	if strings.Contains(name, `"`) {
+		return name
+	}
 	return pgx.Identifier(strings.Split(name, ".")).Sanitize()
 }
 

@@ -57,7 +57,7 @@ func (b *BatchSession) commit(ctx context.Context, bt *batch) (err error) {
 		}
 		var sent int64
 		err := s.run(ctx, seq, func(ctx context.Context, n int) (commitOutcome, uint32, error) {
-			out, pid, nbytes, err := b.attempt(ctx, seq, n, bt, sel, rejects, bt.last, false)
+			out, pid, nbytes, err := b.attempt(ctx, seq, n, bt, sel, int64(len(sel))+merged, rejects, bt.last, false)
 			sent = nbytes
 			return out, pid, err
 		})
@@ -120,7 +120,7 @@ func (b *BatchSession) failAt(ctx context.Context, seq int64, bt *batch, prefix 
 	}
 	var sent int64
 	err := s.run(ctx, seq, func(ctx context.Context, n int) (commitOutcome, uint32, error) {
-		out, pid, nbytes, err := b.attempt(ctx, seq, n, bt, prefix, keep, cursor, false)
+		out, pid, nbytes, err := b.attempt(ctx, seq, n, bt, prefix, int64(len(prefix)), keep, cursor, false)
 		sent = nbytes
 		return out, pid, err
 	})
@@ -211,7 +211,7 @@ func (e *rowError) Unwrap() error { return e.err }
 // message holding BEGIN, the guards, the COPY, the merge, the rejects, the
 // checkpoint and COMMIT, with the COPY data right behind it. With probe, it instead
 // runs the rows in a transaction that is rolled back, to test them.
-func (b *BatchSession) attempt(ctx context.Context, seq int64, n int, bt *batch, sel []int, rejects []Reject, cursor *string, probe bool) (commitOutcome, uint32, int64, error) {
+func (b *BatchSession) attempt(ctx context.Context, seq int64, n int, bt *batch, sel []int, rows int64, rejects []Reject, cursor *string, probe bool) (commitOutcome, uint32, int64, error) {
 	s := b.s
 	t0 := time.Now()
 	conn, err := s.pool.Acquire(ctx)
@@ -230,7 +230,7 @@ func (b *BatchSession) attempt(ctx context.Context, seq int64, n int, bt *batch,
 		s.cfg.beforeCommit(ctx, seq, n, pgc)
 	}
 	if b.cfg.SQL != "" {
-		out, err := b.statementAttempt(ctx, conn.Conn(), seq, bt, sel, rejects, cursor, probe)
+		out, err := b.statementAttempt(ctx, conn.Conn(), seq, bt, sel, rows, rejects, cursor, probe)
 		return out, pid, 0, err
 	}
 	var q strings.Builder
@@ -270,7 +270,7 @@ func (b *BatchSession) attempt(ctx context.Context, seq int64, n int, bt *batch,
 	} else {
 		q.WriteString(b.rejectSQL(seq, rejects))
 		if !s.cfg.skipCheckpoint {
-			q.WriteString(s.advanceSQL(seq, cursor, int64(len(sel)), int64(len(rejects))))
+			q.WriteString(s.advanceSQL(seq, cursor, rows, int64(len(rejects))))
 		}
 		q.WriteString("COMMIT")
 	}
@@ -334,7 +334,7 @@ func (b *BatchSession) copyData(bt *batch, sel []int, offset int) ([]net.Buffers
 
 // statementAttempt runs the statement path: the rows' statements pipelined between
 // BEGIN and the checkpoint and COMMIT, in one round trip.
-func (b *BatchSession) statementAttempt(ctx context.Context, conn *pgx.Conn, seq int64, bt *batch, sel []int, rejects []Reject, cursor *string, probe bool) (commitOutcome, error) {
+func (b *BatchSession) statementAttempt(ctx context.Context, conn *pgx.Conn, seq int64, bt *batch, sel []int, rows int64, rejects []Reject, cursor *string, probe bool) (commitOutcome, error) {
 	s := b.s
 	batch := &pgx.Batch{}
 	batch.Queue("BEGIN")
@@ -351,7 +351,7 @@ func (b *BatchSession) statementAttempt(ctx context.Context, conn *pgx.Conn, seq
 		if r := b.rejectSQL(seq, rejects); r != "" {
 			batch.Queue(strings.TrimSuffix(r, ";"))
 		}
-		batch.Queue(strings.TrimSuffix(s.advanceSQL(seq, cursor, int64(len(sel)), int64(len(rejects))), ";"))
+		batch.Queue(strings.TrimSuffix(s.advanceSQL(seq, cursor, rows, int64(len(rejects))), ";"))
 		batch.Queue("COMMIT")
 	}
 	br := conn.SendBatch(ctx, batch)
@@ -395,7 +395,7 @@ func (b *BatchSession) bisect(ctx context.Context, seq int64, bt *batch, sel []i
 	for hi-lo > 1 {
 		mid := (lo + hi) / 2
 		b.s.count("bisect_probe")
-		_, _, _, err := b.attempt(ctx, seq, 0, bt, sel[:mid], nil, nil, true)
+		_, _, _, err := b.attempt(ctx, seq, 0, bt, sel[:mid], 0, nil, nil, true)
 		if err == nil {
 			lo = mid
 			continue

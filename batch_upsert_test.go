@@ -86,6 +86,15 @@ func TestBatchUpsertDuplicateKeys(t *testing.T) {
 	require.Equal(t, wc, cnt)
 	require.Equal(t, ws, sum)
 
+	// Rows merged into a later row of their key count as loaded, in memory and in the
+	// checkpoint alike.
+	mem, err := s.Checkpoint(ctx)
+	require.NoError(t, err)
+	stored, err := ReadCheckpoint(ctx, db.Pool, db.Schema, "dups")
+	require.NoError(t, err)
+	require.Equal(t, int64(60), mem.Rows)
+	require.Equal(t, mem.Rows, stored.Rows)
+
 	xmin := db.Int(t, "SELECT sum(xmin::text::bigint) FROM "+tbl)
 	b, err = s.Batch(ctx, cfg)
 	require.NoError(t, err)

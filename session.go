@@ -663,7 +663,7 @@ func (s *Session) run(ctx context.Context, seq int64, attempt func(ctx context.C
 				return fmt.Errorf("%w: job %q batch %d: %w", ErrFenced, s.cfg.Job, seq, err)
 			}
 		}
-		if outcome == outcomeInDoubt || (err != nil && IsTransient(err)) {
+		if outcome == outcomeInDoubt {
 			committed, rerr := s.resolve(ctx, seq)
 			if rerr == nil && committed {
 				s.log.Info("pgetl: in-doubt commit resolved: committed", "job", s.cfg.Job, "seq", seq)

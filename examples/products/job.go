@@ -1,0 +1,519 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/pgetl/pgetl"
+	"github.com/pgetl/pgetl/internal/dsn"
+	"github.com/pgetl/pgetl/internal/workload"
+)
+
+// job is one run of the sync.
+type job struct {
+	cfg            config
+	stdout, stderr io.Writer
+	log            *slog.Logger
+
+	pool  *pgxpool.Pool
+	table string // quoted schema.products
+	cache *pgetl.Cache[string, int64]
+	src   source
+
+	read       atomic.Int64 // rows read from the source by this run
+	apiRetries atomic.Int64
+
+	mu       sync.Mutex // guards the fields below
+	pending  []pending  // upsert: rows added and not yet committed, by cursor
+	inserted int64      // committed rows whose SKU was new
+	updated  int64      // committed rows whose SKU existed
+}
+
+// pending is a row added to the batch session and not yet known to be committed.
+type pending struct {
+	pos   int64
+	sku   string
+	isNew bool
+}
+
+// outcome of a run, for the summary.
+type outcome struct {
+	status    string
+	err       error
+	cp        pgetl.Checkpoint
+	stat      pgetl.Stat
+	resumedAt int64
+	elapsed   time.Duration
+}
+
+func (j *job) run(readCtx, jobCtx context.Context, signaled func() os.Signal) int {
+	start := time.Now()
+	level := slog.LevelInfo
+	j.log = slog.New(slog.NewTextHandler(j.stderr, &slog.HandlerOptions{Level: level}))
+	fail := func(err error) int {
+		fmt.Fprintln(j.stderr, "products: "+oneLine(err.Error()))
+		return exitFailed
+	}
+
+	pool, err := j.connect(jobCtx)
+	if err != nil {
+		return fail(err)
+	}
+	defer pool.Close()
+	j.pool = pool
+	if err := j.ensureTable(jobCtx); err != nil {
+		return fail(err)
+	}
+	sess, err := j.claim(readCtx)
+	if err != nil {
+		if sig := signaled(); sig != nil {
+			fmt.Fprintf(j.stderr, "products: interrupted by %v before the job started\n", sig)
+			return exitInterrupted + int(sig.(syscall.Signal))
+		}
+		return fail(err)
+	}
+	defer func() {
+		ctx, cancel := context.WithTimeout(context.WithoutCancel(jobCtx), 10*time.Second)
+		defer cancel()
+		if err := sess.Close(ctx); err != nil {
+			j.log.Warn("close session", "err", err)
+		}
+	}()
+	cp, err := sess.Checkpoint(jobCtx)
+	if err != nil {
+		return fail(err)
+	}
+	var after int64
+	if cp.Cursor != "" {
+		if after, err = strconv.ParseInt(cp.Cursor, 10, 64); err != nil {
+			return fail(fmt.Errorf("job %q: checkpoint cursor %q is not a row number: is it another program's job? (use -job or -restart)", j.cfg.job, cp.Cursor))
+		}
+	}
+
+	if j.cfg.mode == "upsert" {
+		if j.cache, err = pgetl.NewCache[string, int64](pgetl.CacheConfig{}); err != nil {
+			return fail(err)
+		}
+		t0 := time.Now()
+		if err := j.cache.Preload(jobCtx, pool, pgetl.Lookup{Table: j.table, Key: "sku", Value: "id"}); err != nil {
+			return fail(err)
+		}
+		st := j.cache.Stat()
+		j.log.Info("SKU cache preloaded", "skus", st.Len(), "pages", st.PreloadedPages(), "took", time.Since(t0).Round(time.Millisecond))
+	}
+
+	src, stopSrc, err := j.openSource(after)
+	if err != nil {
+		return fail(err)
+	}
+	j.src = src
+	defer stopSrc()
+	total, last := src.Total()
+	if after > 0 {
+		j.log.Info("resuming", "job", j.cfg.job, "after", src.Where(after), "rows_committed_before", cp.Rows, "rejects_before", cp.Rejects)
+	}
+
+	bcfg := pgetl.BatchConfig{
+		// BatchConfig.Table quotes each dot-separated part itself.
+		Table:          j.cfg.schema + "." + workload.Table,
+		Columns:        workload.Columns,
+		CommitRows:     j.cfg.commitRows,
+		CommitInterval: j.cfg.commitInterval,
+		OnCommitFunc:   j.onCommit,
+	}
+	if j.cfg.mode == "upsert" {
+		bcfg.Key, bcfg.OnlyChanged = []string{"sku"}, true
+	}
+	if j.cfg.maxRejects > 0 {
+		bcfg.Rejects, bcfg.MaxRejects = pgetl.RejectToTable, j.cfg.maxRejects
+	}
+	b, err := sess.Batch(jobCtx, bcfg)
+	if err != nil {
+		return fail(err)
+	}
+
+	prog := startProgress(j, sess, total-min(after, total), after)
+	var loopErr error
+	for {
+		if readCtx.Err() != nil {
+			break
+		}
+		r, err := src.Next(readCtx)
+		if errors.Is(err, io.EOF) {
+			break
+		}
+		if err != nil {
+			if readCtx.Err() == nil {
+				loopErr = err
+			}
+			break
+		}
+		j.track(r)
+		j.read.Add(1)
+		if err := b.Add(jobCtx, strconv.FormatInt(r.pos, 10), r.values...); err != nil {
+			loopErr = err
+			break
+		}
+	}
+	// Commit what is buffered: also after a signal or a refused row, whose
+	// predecessors are committed.
+	closeErr := b.Close(jobCtx)
+	prog.stop()
+	out := outcome{elapsed: time.Since(start), stat: sess.Stat(), resumedAt: after}
+	out.cp, _ = sess.Checkpoint(context.WithoutCancel(jobCtx))
+	out.err = loopErr
+	if out.err == nil {
+		out.err = closeErr
+	}
+	sig := signaled()
+	code := exitOK
+	switch {
+	case out.err != nil:
+		out.status, code = "FAILED", exitFailed
+	case sig != nil:
+		out.status, code = "INTERRUPTED by "+sigName(sig), exitInterrupted+int(sig.(syscall.Signal))
+	case out.cp.Cursor != strconv.FormatInt(last, 10) && last > 0:
+		out.err = fmt.Errorf("the checkpoint stands at %q, not at the source's last row %d", out.cp.Cursor, last)
+		out.status, code = "INCOMPLETE", exitFailed
+	default:
+		if err := sess.Finish(jobCtx); err != nil {
+			out.err = err
+			out.status, code = "FAILED", exitFailed
+		} else {
+			out.status = "done: every source row accounted for"
+		}
+	}
+	j.summary(out)
+	if out.err != nil {
+		fmt.Fprintln(j.stderr, "products: "+j.describe(out.err))
+	}
+	if code != exitOK && code != exitUsage {
+		j.hint(out)
+	}
+	return code
+}
+
+// connect opens the pool and checks the server answers, so that an unreachable
+// database is one clear line, not a failure deep in the first batch.
+func (j *job) connect(ctx context.Context) (*pgxpool.Pool, error) {
+	cfg, err := pgetl.ParseConfig(j.cfg.dsn)
+	if err != nil {
+		return nil, err
+	}
+	where := fmt.Sprintf("host=%s port=%d user=%s database=%s", cfg.ConnConfig.Host, cfg.ConnConfig.Port, cfg.ConnConfig.User, cfg.ConnConfig.Database)
+	pool, err := pgetl.NewPoolWithConfig(ctx, cfg)
+	if err != nil {
+		return nil, err
+	}
+	pctx, cancel := context.WithTimeout(ctx, cfg.ConnConfig.ConnectTimeout+5*time.Second)
+	defer cancel()
+	if err := pool.Ping(pctx); err != nil {
+		pool.Close()
+		var pgErr *pgconn.PgError
+		if errors.As(err, &pgErr) {
+			return nil, fmt.Errorf("cannot use PostgreSQL at %s: %s (SQLSTATE %s)", where, pgErr.Message, pgErr.Code)
+		}
+		return nil, fmt.Errorf("cannot reach PostgreSQL at %s (from -dsn, $DATABASE_URL or libpq's PG* defaults): %w", where, unwrapConnect(err))
+	}
+	return pool, nil
+}
+
+// unwrapConnect returns the cause of a connect error without pgx's preamble, each
+// distinct attempt's error once (pgconn tries every address, and with sslmode=prefer
+// with and without TLS).
+func unwrapConnect(err error) error {
+	var ce *pgconn.ConnectError
+	if errors.As(err, &ce) && ce.Unwrap() != nil {
+		err = ce.Unwrap()
+	}
+	var parts []string
+	for _, p := range strings.Split(err.Error(), "\n") {
+		if p = strings.TrimSpace(p); p != "" && !slices.Contains(parts, p) {
+			parts = append(parts, p)
+		}
+	}
+	return errors.New(strings.Join(parts, "; "))
+}
+
+// ensureTable creates the target schema and products table if missing.
+func (j *job) ensureTable(ctx context.Context) error {
+	j.table = pgx.Identifier{j.cfg.schema, workload.Table}.Sanitize()
+	create := strings.Replace(workload.CreateSQL(j.table, true), "CREATE TABLE ", "CREATE TABLE IF NOT EXISTS ", 1)
+	_, err := j.pool.Exec(ctx, "CREATE SCHEMA IF NOT EXISTS "+pgx.Identifier{j.cfg.schema}.Sanitize()+"; "+create)
+	if err != nil {
+		return fmt.Errorf("create %s: %w", j.table, err)
+	}
+	return nil
+}
+
+// claim starts the job's session: a finished job starts over, and a claim held by a
+// killed run is waited for up to -claim-wait (or taken over with -takeover).
+func (j *job) claim(ctx context.Context) (*pgetl.Session, error) {
+	sc := pgetl.SessionConfig{
+		Job:              j.cfg.job,
+		CheckpointSchema: j.cfg.checkpointSchema,
+		Restart:          j.cfg.restart,
+		Takeover:         j.cfg.takeover,
+		Lease:            j.cfg.lease,
+		Logger:           j.log,
+		OnRetryFunc:      nil,
+	}
+	deadline := time.Now().Add(j.cfg.claimWait)
+	waiting := false
+	for {
+		s, err := pgetl.NewSession(ctx, j.pool, sc)
+		switch {
+		case err == nil:
+			return s, nil
+		case errors.Is(err, pgetl.ErrJobFinished) && !sc.Restart:
+			j.log.Info("the job finished in an earlier run: starting it over", "job", j.cfg.job)
+			sc.Restart = true
+			continue
+		case errors.Is(err, pgetl.ErrJobClaimed) && time.Now().Before(deadline):
+			if !waiting {
+				j.log.Info("the job is claimed by another run (or a killed one whose lease has not expired): waiting", "job", j.cfg.job, "up_to", j.cfg.claimWait)
+				waiting = true
+			}
+			t := time.NewTimer(500 * time.Millisecond)
+			select {
+			case <-ctx.Done():
+				t.Stop()
+				return nil, ctx.Err()
+			case <-t.C:
+			}
+			continue
+		case errors.Is(err, pgetl.ErrJobClaimed):
+			return nil, fmt.Errorf("job %q is claimed by another live run (waited %v); if that run is dead, rerun with -takeover: %w", j.cfg.job, j.cfg.claimWait, err)
+		}
+		return nil, err
+	}
+}
+
+// openSource opens the source after the resume position. stop ends what it started.
+func (j *job) openSource(after int64) (source, func(), error) {
+	switch j.cfg.source {
+	case "synthetic":
+		return &synthetic{i: min(after, j.cfg.rows), n: j.cfg.rows, v: j.cfg.version}, func() {}, nil
+	case "csv":
+		s, err := openCSV(j.cfg.csvPath, after)
+		if err != nil {
+			return nil, nil, err
+		}
+		return s, func() { s.Close() }, nil
+	}
+	srv, err := startAPI(j.cfg.rows, j.cfg.version, j.cfg.pageDelay, j.cfg.apiFaults, j.cfg.apiMalformedPage)
+	if err != nil {
+		return nil, nil, err
+	}
+	j.log.Info("product API listening", "url", srv.URL()+"/products?page=1&size="+strconv.FormatInt(j.cfg.pageSize, 10))
+	c := newAPIClient(srv.URL(), j.cfg.pageSize, func() { j.apiRetries.Add(1) })
+	s := openAPI(c, j.cfg.rows, after)
+	return s, func() {
+		s.Close()
+		srv.Close()
+	}, nil
+}
+
+// track records an added row for the inserted/updated counts (and, for a new SKU,
+// to cache its id once committed).
+func (j *job) track(r row) {
+	if j.cache == nil {
+		return
+	}
+	_, known := j.cache.Get(r.sku)
+	j.mu.Lock()
+	j.pending = append(j.pending, pending{pos: r.pos, sku: r.sku, isNew: !known && r.sku != ""})
+	j.mu.Unlock()
+}
+
+// onCommit runs in the batch session's flusher goroutine after each COMMIT. It
+// takes the batch's rows off the pending queue (those up to the commit's cursor),
+// reads the ids of its new SKUs (one query) and caches them: they are committed.
+func (j *job) onCommit(res pgetl.BatchResult) {
+	if j.cache == nil {
+		j.mu.Lock()
+		j.inserted += res.Rows
+		j.mu.Unlock()
+		return
+	}
+	c, _ := strconv.ParseInt(res.Cursor, 10, 64)
+	var skus []string
+	seen := map[string]bool{}
+	j.mu.Lock()
+	k := 0
+	for k < len(j.pending) && j.pending[k].pos <= c {
+		if p := j.pending[k]; p.isNew && !seen[p.sku] {
+			seen[p.sku] = true
+			skus = append(skus, p.sku)
+		}
+		k++
+	}
+	j.pending = append(j.pending[:0:0], j.pending[k:]...)
+	j.mu.Unlock()
+
+	var inserted int64
+	if len(skus) > 0 {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		rows, err := j.pool.Query(ctx, "SELECT sku, id FROM "+j.table+" WHERE sku = ANY($1)", skus)
+		if err == nil {
+			var sku string
+			var id int64
+			_, err = pgx.ForEachRow(rows, []any{&sku, &id}, func() error {
+				if _, ok := j.cache.Get(sku); !ok {
+					inserted++ // not an earlier batch's new SKU seen again
+				}
+				j.cache.Put(sku, id)
+				return nil
+			})
+		}
+		if err != nil {
+			// The rows are committed; only the cache and the counts miss them.
+			j.log.Warn("reading the ids of new SKUs failed; they will count as updates", "err", err)
+		}
+	}
+	j.mu.Lock()
+	j.inserted += inserted
+	j.updated += res.Rows - inserted
+	j.mu.Unlock()
+}
+
+// describe turns an error of the run into one line that says where in the source
+// it happened.
+func (j *job) describe(err error) string {
+	var fe *fieldError
+	var be *pgetl.BatchError
+	if errors.As(err, &be) && be.Row >= 0 && j.src != nil {
+		where := be.Cursor
+		if pos, perr := strconv.ParseInt(be.Cursor, 10, 64); perr == nil {
+			where = j.src.Where(pos)
+		}
+		if errors.Is(err, pgetl.ErrTooManyRejects) {
+			return oneLine(fmt.Sprintf("more than -max-rejects %d rows rejected (the last at %s); nothing of that batch was committed; the rejected rows are in %s: %v",
+				j.cfg.maxRejects, where, j.rejectTable(), err))
+		}
+		var msg string
+		switch {
+		case errors.As(err, &fe):
+			msg = fe.Error()
+		default:
+			msg = be.Err.Error()
+			var pgErr *pgconn.PgError
+			if errors.As(err, &pgErr) {
+				msg = pgErr.Message + " (SQLSTATE " + pgErr.Code + ")"
+			}
+			if be.Column != "" {
+				msg = fmt.Sprintf("%s %q: %s", be.Column, be.Value, msg)
+			}
+		}
+		return oneLine(fmt.Sprintf("bad row at %s: %s; the rows before it are committed (-max-rejects N rejects up to N bad rows instead)", where, msg))
+	}
+	return oneLine(err.Error())
+}
+
+func (j *job) rejectTable() string {
+	return pgx.Identifier{j.cfg.checkpointSchema, "reject"}.Sanitize()
+}
+
+// summary prints the run's summary on stdout.
+func (j *job) summary(o outcome) {
+	w := j.stdout
+	source := j.cfg.source
+	switch source {
+	case "csv":
+		source = "csv " + j.cfg.csvPath
+	default:
+		source = fmt.Sprintf("%s, %d rows at version %d", source, j.cfg.rows, j.cfg.version)
+	}
+	mode := "upsert on sku"
+	if j.cfg.mode == "insert" {
+		mode = "insert"
+	}
+	j.mu.Lock()
+	ins, upd := j.inserted, j.updated
+	j.mu.Unlock()
+	st := o.stat
+	secs := o.elapsed.Seconds()
+	fmt.Fprintf(w, "products sync %s\n", o.status)
+	fmt.Fprintf(w, "  job         %s (%s, %s)\n", j.cfg.job, source, mode)
+	fmt.Fprintf(w, "  target      %s (checkpoint %s, rejects %s)\n", j.table,
+		pgx.Identifier{j.cfg.checkpointSchema, "checkpoint"}.Sanitize(), j.rejectTable())
+	if o.resumedAt > 0 && j.src != nil {
+		fmt.Fprintf(w, "  resumed     after %s\n", j.src.Where(o.resumedAt))
+	}
+	fmt.Fprintf(w, "  rows read   %d\n", j.read.Load())
+	fmt.Fprintf(w, "  loaded      %d (inserted %d, updated %d)\n", st.Rows(), ins, upd)
+	fmt.Fprintf(w, "  rejects     %d\n", st.Rejects())
+	fmt.Fprintf(w, "  batches     %d\n", st.Batches())
+	fmt.Fprintf(w, "  retries     %d (database %d, api %d)\n", st.TotalRetries()+j.apiRetries.Load(), st.TotalRetries(), j.apiRetries.Load())
+	fmt.Fprintf(w, "  elapsed     %s\n", o.elapsed.Round(time.Millisecond))
+	rate := 0.0
+	if secs > 0 {
+		rate = float64(st.Rows()) / secs
+	}
+	fmt.Fprintf(w, "  rate        %.0f rows/s\n", rate)
+	where := "none"
+	if o.cp.Cursor != "" && j.src != nil {
+		if pos, err := strconv.ParseInt(o.cp.Cursor, 10, 64); err == nil {
+			where = j.src.Where(pos)
+		}
+	}
+	fmt.Fprintf(w, "  checkpoint  %s (job total: %d rows, %d rejects)\n", where, o.cp.Rows, o.cp.Rejects)
+	fmt.Fprintf(w, "  look        psql -c 'SELECT * FROM %s ORDER BY id DESC LIMIT 5'\n", j.table)
+	if st.Rejects() > 0 || o.cp.Rejects > 0 {
+		fmt.Fprintf(w, "  see rejects SELECT row_index, cursor, message FROM %s WHERE job = '%s'\n", j.rejectTable(), strings.ReplaceAll(j.cfg.job, "'", "''"))
+	}
+}
+
+// hint prints how to resume a run that did not complete.
+func (j *job) hint(o outcome) {
+	var args []string
+	secrets := dsn.Secrets(j.cfg.dsn)
+	for _, a := range j.cfg.args {
+		if a == "-restart" || a == "--restart" || a == "-restart=true" || a == "--restart=true" {
+			continue
+		}
+		args = append(args, shellQuote(dsn.Redact(a, secrets...)))
+	}
+	cmd := strings.TrimSpace("go run ./examples/products " + strings.Join(args, " "))
+	fmt.Fprintf(j.stderr, "products: committed rows are kept; resume with: %s\n", cmd)
+}
+
+func shellQuote(s string) string {
+	if s != "" && strings.IndexFunc(s, func(r rune) bool {
+		return !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || strings.ContainsRune("-_=.,:/@+%", r))
+	}) < 0 {
+		return s
+	}
+	return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'"
+}
+
+func sigName(s os.Signal) string {
+	switch s {
+	case syscall.SIGINT:
+		return "SIGINT"
+	case syscall.SIGTERM:
+		return "SIGTERM"
+	}
+	return s.String()
+}
+
+// oneLine folds a multi-line message into one line.
+func oneLine(s string) string {
+	return strings.Join(strings.Fields(strings.ReplaceAll(s, "\n", " ")), " ")
+}
