@@ -8,6 +8,7 @@ import (
 	"strings"
 	"sync"
 	"time"
+	"unicode/utf8"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgtype"
@@ -21,6 +22,9 @@ const (
 	CommitRowsDefault = 10000
 	// CommitBytesDefault bounds the encoded bytes of a batch (memory for wide rows).
 	CommitBytesDefault = 16 << 20
+	// CommitBytesMax bounds CommitBytes: a batch is sent as one message, and the
+	// server takes messages up to 1 GiB.
+	CommitBytesMax = 256 << 20
 	// CommitIntervalDefault is how often buffered rows are committed at least, even
 	// when the source is slow: progress is saved and the connection is exercised.
 	CommitIntervalDefault = 5 * time.Second
@@ -78,7 +82,7 @@ type BatchConfig struct {
 	// CommitRowsDefault.
 	CommitRows int
 	// CommitBytes commits a batch once its encoded rows reach this many bytes (COPY
-	// path only). Defaults to CommitBytesDefault.
+	// path only). Defaults to CommitBytesDefault; at most CommitBytesMax.
 	CommitBytes int
 	// CommitInterval commits buffered rows at least this often, also while the source
 	// is idle. Defaults to CommitIntervalDefault; negative disables it.
@@ -110,13 +114,13 @@ type KeySet interface {
 
 // BatchResult describes a committed batch.
 type BatchResult struct {
-	Job      string
-	Seq      int64
-	Rows     int64  // rows committed (for an upsert: inserted or updated, or merged into a later row of the same key)
-	Rejects  int64  // rows rejected
-	Bytes    int64  // encoded bytes sent
-	Cursor   string // the checkpoint's cursor after this batch
-	Duration time.Duration
+	Job      string        // the job's name
+	Seq      int64         // the batch's sequence number
+	Rows     int64         // rows committed (for an upsert: inserted or updated, or merged into a later row of the same key)
+	Rejects  int64         // rows rejected
+	Bytes    int64         // encoded bytes sent
+	Cursor   string        // the checkpoint's cursor after this batch
+	Duration time.Duration // from the first attempt to the commit, retries included
 }
 
 // Reject describes a row rejected under RejectToTable, as written to the reject
@@ -124,10 +128,10 @@ type BatchResult struct {
 type Reject struct {
 	Row        int64  // index of the row within the job
 	Cursor     string // its cursor
-	SQLState   string
-	Message    string
-	Column     string
-	Constraint string
+	SQLState   string // why: the server's SQLSTATE (22P02 for a value Add could not encode)
+	Message    string // the error message
+	Column     string // the column, when known
+	Constraint string // the violated constraint, when the server named one
 	Values     string // the row as a JSON array
 }
 
@@ -141,25 +145,28 @@ type Reject struct {
 // A BatchSession is not safe for concurrent use by several goroutines (like
 // [pgx.Conn]); its Stat is.
 type BatchSession struct {
-	s     *Session
-	cfg   BatchConfig
-	table string // quoted
-	cols  string // quoted, comma-separated
-	oids  []uint32
-	m     *pgtype.Map
-	keyIx []int // positions of Key in Columns
-	sql   struct {
+	s       *Session
+	cfg     BatchConfig
+	table   string // quoted
+	cols    string // quoted, comma-separated
+	oids    []uint32
+	m       *pgtype.Map
+	scratch []byte // statement path: encoding check
+	keyIx   []int  // positions of Key in Columns
+	sql     struct {
 		copyStmt, copyNew, merge, stageStmt string
-		update                              string // with a key cache: known rows, %d = their count
+		update                              string // with a key cache: known rows; append their count and ");"
 	}
 	keyIndexes map[string]bool // names of the unique indexes on Key
 
 	sendMu sync.Mutex // held while a batch is swapped out and handed to the flusher
-	mu     sync.Mutex // guards cur, err, closed, next
+	mu     sync.Mutex // guards cur, err, closed
 	cur    *batch
 	err    error // sticky: the first failure; every later call returns it
 	closed bool
-	next   int64 // job-wide index of the next row
+
+	closeOnce sync.Once
+	closeErr  error
 
 	queue chan flushReq
 	free  chan *batch
@@ -224,8 +231,8 @@ func (c *BatchConfig) setDefaults() error {
 	if c.CommitBytes == 0 {
 		c.CommitBytes = CommitBytesDefault
 	}
-	if c.CommitBytes < 1 {
-		return fmt.Errorf("pgetl: BatchConfig.CommitBytes must be at least 1, got %d", c.CommitBytes)
+	if c.CommitBytes < 1 || c.CommitBytes > CommitBytesMax {
+		return fmt.Errorf("pgetl: BatchConfig.CommitBytes must be between 1 and %d, got %d", CommitBytesMax, c.CommitBytes)
 	}
 	if c.CommitInterval == 0 {
 		c.CommitInterval = CommitIntervalDefault
@@ -256,11 +263,10 @@ func (s *Session) Batch(ctx context.Context, cfg BatchConfig) (*BatchSession, er
 		return nil, err
 	}
 	s.mu.Lock()
-	if s.closed {
+	if s.closed || s.closing {
 		s.mu.Unlock()
 		return nil, ErrClosed
 	}
-	b.next = s.cp.Rows + s.cp.Rejects
 	if s.batches == nil {
 		s.batches = map[*BatchSession]struct{}{}
 	}
@@ -378,7 +384,7 @@ func (b *BatchSession) describe(ctx context.Context) error {
 		// holds is missing from the table, and the batch is then retried as a merge.
 		b.sql.update = "SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off; WITH u AS (UPDATE " + b.table +
 			" AS t SET " + strings.Join(upd, ", ") + " FROM pgetl_stage s WHERE t." + k + " = s." + k + " RETURNING 1) SELECT " +
-			b.s.schema + ".expect_rows((SELECT count(*) FROM u), %d);"
+			b.s.schema + ".expect_rows((SELECT count(*) FROM u), "
 		b.sql.copyNew = "COPY " + b.table + " (" + b.cols + ") FROM STDIN (FORMAT binary);"
 		rows, err := conn.Query(ctx, `SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
 			WHERE i.indrelid = $1::regclass AND i.indisunique AND i.indnatts = 1
@@ -426,22 +432,37 @@ func (b *BatchSession) Add(ctx context.Context, cursor string, values ...any) er
 		return err
 	}
 	bt := b.cur
-	idx := b.next
-	b.next++ // every row passed to Add has an index, refused ones too
+	// Every row passed to Add has a job-wide index, refused ones too; the session
+	// hands them out, so its batch sessions never share one.
+	idx := b.s.nextRow.Add(1) - 1
 	if len(values) != len(b.oids) {
 		b.mu.Unlock()
 		return &BatchError{Job: b.s.cfg.Job, Row: idx, Cursor: cursor,
 			Err: fmt.Errorf("pgetl: got %d values for %d columns", len(values), len(b.oids))}
 	}
-	if strings.IndexByte(cursor, 0) >= 0 {
+	if strings.IndexByte(cursor, 0) >= 0 || !utf8.ValidString(cursor) {
 		b.mu.Unlock()
-		return &BatchError{Job: b.s.cfg.Job, Row: idx, Cursor: cursor, Err: errors.New("pgetl: cursor must not contain a NUL byte")}
+		return &BatchError{Job: b.s.cfg.Job, Row: idx, Cursor: cursor, Err: errors.New("pgetl: cursor must be valid UTF-8 without NUL bytes")}
 	}
+	var col int
+	var err error
 	if b.cfg.SQL != "" {
-		bt.vals = append(bt.vals, append([]any(nil), values...))
-		bt.idx = append(bt.idx, idx)
-		bt.cursors = append(bt.cursors, cursor)
-	} else if col, err := b.encode(bt, values); err != nil {
+		// Encode once to check the values (the statement's own encoding happens at
+		// flush), so a value its parameter cannot take is reported here.
+		b.scratch = b.scratch[:0]
+		for i, v := range values {
+			if b.scratch, err = b.encodeValue(b.oids[i], v, b.scratch[:0]); err != nil {
+				col = i
+				break
+			}
+		}
+		if err == nil {
+			bt.vals = append(bt.vals, append([]any(nil), values...))
+		}
+	} else {
+		col, err = b.encode(bt, values)
+	}
+	if err != nil {
 		berr := &BatchError{Job: b.s.cfg.Job, Row: idx, Cursor: cursor, Column: b.column(col),
 			Value: truncate(fmt.Sprint(values[col]), 64), Err: err}
 		if b.cfg.Rejects != RejectToTable {
@@ -497,13 +518,11 @@ func (b *BatchSession) encode(bt *batch, values []any) (int, error) {
 	start := len(bt.buf)
 	buf := binary.BigEndian.AppendUint16(bt.buf, uint16(len(values)))
 	var key []byte
+	nullKey := false
 	for i, v := range values {
 		sp := len(buf)
 		buf = append(buf, 0, 0, 0, 0)
-		out, err := b.m.Encode(b.oids[i], pgtype.BinaryFormatCode, v, buf)
-		if err != nil {
-			out, err = b.encodeString(b.oids[i], v, buf)
-		}
+		out, err := b.encodeValue(b.oids[i], v, buf)
 		if err != nil {
 			bt.buf = buf[:start]
 			return i, fmt.Errorf("pgetl: encode %T for column %q: %w", v, b.cfg.Columns[i], err)
@@ -515,23 +534,37 @@ func (b *BatchSession) encode(bt *batch, values []any) (int, error) {
 			binary.BigEndian.PutUint32(buf[sp:], uint32(len(buf)-sp-4))
 		}
 		if b.keyIx != nil && indexOfInt(b.keyIx, i) >= 0 {
+			if out == nil {
+				nullKey = true
+			}
 			key = append(key, buf[sp:]...)
 		}
 	}
 	bt.buf = buf
 	bt.offs = append(bt.offs, int32(start))
 	if b.keyIx != nil {
+		if nullKey {
+			// A key with a NULL never conflicts, so it is never merged with another
+			// row: "" marks it (a real key holds at least a length prefix).
+			key = key[:0]
+		}
 		bt.keys = append(bt.keys, string(key))
 	}
 	return -1, nil
 }
 
-// encodeString parses a string in the column type's text format and encodes the
-// result, as pgx's CopyFrom does, so "12.34" goes into a numeric column.
-func (b *BatchSession) encodeString(oid uint32, v any, buf []byte) ([]byte, error) {
+// encodeValue appends v in the binary format of type oid to buf (nil for NULL). A
+// string that the type's binary encoder does not take is parsed in the type's text
+// format and the result encoded, as pgx's CopyFrom does, so "12.34" goes into a
+// numeric column.
+func (b *BatchSession) encodeValue(oid uint32, v any, buf []byte) ([]byte, error) {
+	out, err := b.m.Encode(oid, pgtype.BinaryFormatCode, v, buf)
+	if err == nil {
+		return out, nil
+	}
 	s, ok := v.(string)
 	if !ok {
-		return b.m.Encode(oid, pgtype.BinaryFormatCode, v, buf)
+		return nil, err
 	}
 	var x any
 	if err := b.m.Scan(oid, pgtype.TextFormatCode, []byte(s), &x); err != nil {
@@ -568,9 +601,12 @@ func (b *BatchSession) dispatch(ctx context.Context, wait bool) error {
 	b.mu.Lock()
 	bt := b.swap()
 	b.mu.Unlock()
-	req := flushReq{ctx: ctx, bt: bt}
+	// A batch handed off by Add commits in the background, under the batch
+	// session's own context (canceled by Close): the ctx of the Add that filled it
+	// bounds only the hand-off. Flush and Close wait, so their ctx bounds the commit.
+	req := flushReq{ctx: b.bg, bt: bt}
 	if wait {
-		req.done = make(chan error, 1)
+		req.ctx, req.done = ctx, make(chan error, 1)
 	}
 	select {
 	case b.queue <- req:
@@ -583,7 +619,14 @@ func (b *BatchSession) dispatch(ctx context.Context, wait bool) error {
 	if !wait {
 		return nil
 	}
-	return <-req.done
+	select {
+	case err := <-req.done:
+		return err
+	case <-ctx.Done():
+		// Also end a background commit queued before this one.
+		b.stop()
+		return <-req.done
+	}
 }
 
 // swap takes the current batch if it holds anything and starts a new one. Caller
@@ -665,11 +708,12 @@ func (b *BatchSession) loop() {
 // flusher. It returns the first error of the session's batches, if any. Close is
 // idempotent; Add and Flush after it return ErrClosed.
 func (b *BatchSession) Close(ctx context.Context) error {
+	b.closeOnce.Do(func() { b.closeErr = b.close(ctx) })
+	return b.closeErr
+}
+
+func (b *BatchSession) close(ctx context.Context) error {
 	b.mu.Lock()
-	if b.closed {
-		b.mu.Unlock()
-		return nil
-	}
 	err := b.err
 	b.mu.Unlock()
 	if err == nil {

@@ -48,9 +48,10 @@ func (b *BatchSession) commit(ctx context.Context, bt *batch) (err error) {
 	}
 	t0 := time.Now()
 	seq := s.nextSeq()
-	sel, merged := b.selectRows(bt)
+	rejected := map[int]bool{} // rows of bt rejected while isolating bad rows
 	rejects := append([]Reject(nil), bt.rejects...)
 	for {
+		sel, merged := b.selectRows(bt, func(i int) bool { return rejected[i] })
 		sel = b.knownFirst(bt, sel)
 		if err := b.checkRejects(bt, rejects); err != nil {
 			return err
@@ -78,36 +79,39 @@ func (b *BatchSession) commit(ctx context.Context, bt *batch) (err error) {
 		pos := -1
 		if errors.As(err, &rerr) {
 			pos = rerr.pos
-		} else {
-			pos, err = b.bisect(ctx, seq, bt, sel)
-			if err != nil {
-				return &BatchError{Job: s.cfg.Job, Seq: seq, Row: -1, SQLState: sqlState(pg), Err: err}
-			}
+		} else if pos, err = b.bisect(ctx, seq, bt, sel); err != nil {
+			return &BatchError{Job: s.cfg.Job, Seq: seq, Row: -1, SQLState: sqlState(pg), Err: err}
 		}
-		rej := b.rejectOf(bt, sel[pos], pg)
+		if pos < 0 || pos >= len(sel) {
+			return &BatchError{Job: s.cfg.Job, Seq: seq, Row: -1, SQLState: pg.Code, Constraint: pg.ConstraintName,
+				Err: fmt.Errorf("pgetl: data error not caused by a row of the batch: %w", pg)}
+		}
+		bad := sel[pos]
+		rej := b.rejectOf(bt, bad, pg)
 		if b.cfg.Rejects == RejectFail {
-			return b.failAt(ctx, seq, bt, sel[:pos], rejects, rej, pg, t0)
+			return b.failAt(ctx, seq, bt, bad, rejected, rejects, rej, pg, t0)
 		}
 		rejects = append(rejects, rej)
-		sel = append(sel[:pos:pos], sel[pos+1:]...)
+		rejected[bad] = true
 	}
 }
 
-// failAt commits the rows before a bad row with the checkpoint at the last of them
-// (RejectFail), then returns the bad row's error.
-func (b *BatchSession) failAt(ctx context.Context, seq int64, bt *batch, prefix []int, rejects []Reject, rej Reject, pg *pgconn.PgError, t0 time.Time) error {
+// failAt commits the rows of bt before row bad (in the order they were added), with
+// the checkpoint at the last of them (RejectFail), then returns the bad row's error.
+func (b *BatchSession) failAt(ctx context.Context, seq int64, bt *batch, bad int, rejected map[int]bool, rejects []Reject, rej Reject, pg *pgconn.PgError, t0 time.Time) error {
 	s := b.s
 	berr := &BatchError{Job: s.cfg.Job, Seq: seq, Row: rej.Row, Cursor: rej.Cursor, Column: rej.Column,
 		Value: b.value(bt, rej, pg), SQLState: pg.Code, Constraint: pg.ConstraintName, Err: pg}
-	if len(prefix) == 0 && len(rejects) == 0 {
-		return berr
-	}
+	prefix, merged := b.selectRows(bt, func(i int) bool { return i >= bad || rejected[i] })
 	// The checkpoint's cursor is that of the last row before the bad one, rejected
 	// rows included: rows up to there are accounted for.
 	var cursor *string
 	lastIdx := int64(-1)
-	if len(prefix) > 0 {
-		cursor, lastIdx = &bt.cursors[prefix[len(prefix)-1]], bt.idx[prefix[len(prefix)-1]]
+	for i := bad - 1; i >= 0; i-- {
+		if !rejected[i] {
+			cursor, lastIdx = &bt.cursors[i], bt.idx[i]
+			break
+		}
 	}
 	var keep []Reject
 	for i := range rejects {
@@ -118,16 +122,22 @@ func (b *BatchSession) failAt(ctx context.Context, seq int64, bt *batch, prefix 
 			}
 		}
 	}
+	if len(prefix) == 0 && len(keep) == 0 {
+		return berr
+	}
+	prefix = b.knownFirst(bt, prefix)
+	rows := int64(len(prefix)) + merged
 	var sent int64
 	err := s.run(ctx, seq, func(ctx context.Context, n int) (commitOutcome, uint32, error) {
-		out, pid, nbytes, err := b.attempt(ctx, seq, n, bt, prefix, int64(len(prefix)), keep, cursor, false)
+		out, pid, nbytes, err := b.attempt(ctx, seq, n, bt, prefix, rows, keep, cursor, false)
 		sent = nbytes
 		return out, pid, err
 	})
 	if err != nil {
 		return fmt.Errorf("%w (and committing the rows before it failed: %w)", berr, err)
 	}
-	b.committed(seq, cursor, int64(len(prefix)), keep, sent, t0)
+	b.committed(seq, cursor, rows, keep, sent, t0)
+	b.publishKeys(bt, prefix)
 	berr.Committed = true
 	return berr
 }
@@ -171,25 +181,32 @@ func (b *BatchSession) checkRejects(bt *batch, rejects []Reject) error {
 		Err: fmt.Errorf("%w: %d rejected of %d seen (MaxRejects %d, MaxRejectRatio %g): %s", ErrTooManyRejects, total, seen, b.cfg.MaxRejects, b.cfg.MaxRejectRatio, last.Message)}
 }
 
-// selectRows returns the rows of bt to send, in order. For an upsert, a row whose
-// key appears again later in the batch is left out (the last one wins) and counted
-// in merged.
-func (b *BatchSession) selectRows(bt *batch) (sel []int, merged int64) {
+// selectRows returns the rows of bt to send, in the order they were added, leaving
+// out those skip names. For an upsert, a row whose key appears again later among the
+// rows sent is left out too (the last one wins) and counted in merged; a key holding
+// a NULL never merges (NULLs never conflict).
+func (b *BatchSession) selectRows(bt *batch, skip func(int) bool) (sel []int, merged int64) {
 	sel = make([]int, 0, bt.rows())
 	if b.keyIx == nil {
 		for i := range bt.rows() {
-			sel = append(sel, i)
+			if !skip(i) {
+				sel = append(sel, i)
+			}
 		}
 		return sel, 0
 	}
 	last := make(map[string]int, bt.rows())
 	for i, k := range bt.keys {
-		last[k] = i
+		if k != "" && !skip(i) {
+			last[k] = i
+		}
 	}
 	for i, k := range bt.keys {
-		if last[k] == i {
+		switch {
+		case skip(i):
+		case k == "" || last[k] == i:
 			sel = append(sel, i)
-		} else {
+		default:
 			merged++
 		}
 	}
@@ -261,7 +278,7 @@ func (b *BatchSession) attempt(ctx context.Context, seq int64, n int, bt *batch,
 		copies, starts, nbytes = append(copies, c2...), append(starts, s2...), nbytes+n2
 	}
 	if cached {
-		fmt.Fprintf(&q, b.sql.update, known)
+		q.WriteString(b.sql.update + strconv.Itoa(known) + ");")
 	} else {
 		q.WriteString(b.sql.merge)
 	}
@@ -338,7 +355,7 @@ func (b *BatchSession) statementAttempt(ctx context.Context, conn *pgx.Conn, seq
 	s := b.s
 	batch := &pgx.Batch{}
 	batch.Queue("BEGIN")
-	for _, stmt := range strings.Split(strings.TrimSuffix(s.guardSQL(seq), ";"), ";") {
+	for _, stmt := range s.guardStmts(seq) {
 		batch.Queue(stmt)
 	}
 	first := batch.Len()
@@ -391,24 +408,63 @@ func (b *BatchSession) statementAttempt(ctx context.Context, conn *pgx.Conn, seq
 // (a duplicate key) pins the later one, as COPY itself would. A probe that reports a
 // COPY line pins the row at once.
 func (b *BatchSession) bisect(ctx context.Context, seq int64, bt *batch, sel []int) (int, error) {
-	lo, hi := 0, len(sel) // sel[:lo] passes; sel[:hi] fails
-	for hi-lo > 1 {
-		mid := (lo + hi) / 2
+	// probe reports whether rows sel[:k] fail, or the row a failure names.
+	probe := func(k int) (bool, int, error) {
 		b.s.count("bisect_probe")
-		_, _, _, err := b.attempt(ctx, seq, 0, bt, sel[:mid], 0, nil, nil, true)
+		var err error
+		for attempt := 1; ; attempt++ {
+			_, _, _, err = b.attempt(ctx, seq, 0, bt, sel[:k], 0, nil, nil, true)
+			if err == nil || !IsTransient(err) || ctx.Err() != nil || attempt >= b.s.cfg.Retry.MaxAttempts {
+				break
+			}
+			select {
+			case <-ctx.Done():
+				return false, -1, ctx.Err()
+			case <-time.After(b.s.backoff(attempt)):
+			}
+		}
 		if err == nil {
-			lo = mid
-			continue
+			return false, -1, nil
 		}
 		pg := pgErrorOf(err)
 		if pg == nil || !isDataError(pg.Code) {
-			return -1, err
+			return false, -1, err
 		}
 		var rerr *rowError
 		if errors.As(err, &rerr) {
-			return rerr.pos, nil
+			return true, rerr.pos, nil
 		}
-		hi = mid
+		return true, -1, nil
+	}
+	lo, hi := 0, len(sel) // sel[:lo] passes; sel[:hi] is assumed to fail
+	for hi-lo > 1 {
+		mid := (lo + hi) / 2
+		fails, at, err := probe(mid)
+		if err != nil {
+			return -1, err
+		}
+		if at >= 0 {
+			return at, nil
+		}
+		if fails {
+			hi = mid
+		} else {
+			lo = mid
+		}
+	}
+	if hi == len(sel) && hi > 0 {
+		// The whole batch was never probed on its own: check that its rows are the
+		// cause (not, say, the checkpoint's statement).
+		fails, at, err := probe(hi)
+		if err != nil {
+			return -1, err
+		}
+		if at >= 0 {
+			return at, nil
+		}
+		if !fails {
+			return -1, nil
+		}
 	}
 	return hi - 1, nil
 }
@@ -539,7 +595,7 @@ func (b *BatchSession) rejectSQL(seq int64, rejects []Reject) string {
 			quoteLiteral(r.Cursor), quoteLiteral(r.SQLState), quoteLiteral(strings.ToValidUTF8(r.Message, "?")),
 			quoteLiteral(r.Column), quoteLiteral(r.Constraint), quoteLiteral(strings.ReplaceAll(r.Values, "\\u0000", "")))
 	}
-	q.WriteString(" ON CONFLICT (job, row_index) DO UPDATE SET seq = EXCLUDED.seq, cursor = EXCLUDED.cursor, sqlstate = EXCLUDED.sqlstate, message = EXCLUDED.message, column_name = EXCLUDED.column_name, constraint_name = EXCLUDED.constraint_name, row = EXCLUDED.row, created_at = now();")
+	q.WriteString(";")
 	return q.String()
 }
 

@@ -192,3 +192,74 @@ func TestBatchUpsertKeyCache(t *testing.T) {
 	require.LessOrEqual(t, s.Stat().Retries()["stale_key"], int64(n/CommitRowsDefault+1), "at most one retry per batch")
 	t.Logf("stale-key retries: %d", s.Stat().Retries()["stale_key"])
 }
+
+// TestBatchUpsertEdges: a rejected row does not take the earlier row of its key with
+// it; keys holding NULL never merge; with a key cache, RejectFail commits exactly
+// the rows added before the bad one.
+func TestBatchUpsertEdges(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	t.Run("dup_then_reject", func(t *testing.T) {
+		t.Parallel()
+		db := pgtest.New(t)
+		db.Exec(t, "CREATE TABLE t (k int PRIMARY KEY, v int NOT NULL CHECK (v >= 0))")
+		s, err := NewSession(ctx, db.Pool, SessionConfig{Job: "dr", CheckpointSchema: db.Schema})
+		require.NoError(t, err)
+		defer s.Close(ctx)
+		b, err := s.Batch(ctx, BatchConfig{Table: db.Schema + ".t", Columns: []string{"k", "v"}, Key: []string{"k"}, Rejects: RejectToTable})
+		require.NoError(t, err)
+		require.NoError(t, b.Add(ctx, "1", 1, 10))
+		require.NoError(t, b.Add(ctx, "2", 1, -1)) // bad, and the last row of key 1
+		require.NoError(t, b.Close(ctx))
+		require.Equal(t, int64(10), db.Int(t, "SELECT v FROM t WHERE k = 1"))
+		require.Equal(t, int64(1), db.Int(t, "SELECT count(*) FROM reject"))
+	})
+	t.Run("null_keys", func(t *testing.T) {
+		t.Parallel()
+		db := pgtest.New(t)
+		db.Exec(t, "CREATE TABLE t (a int, b int, v int, UNIQUE (a, b))")
+		s, err := NewSession(ctx, db.Pool, SessionConfig{Job: "nk", CheckpointSchema: db.Schema})
+		require.NoError(t, err)
+		defer s.Close(ctx)
+		b, err := s.Batch(ctx, BatchConfig{Table: db.Schema + ".t", Columns: []string{"a", "b", "v"}, Key: []string{"a", "b"}})
+		require.NoError(t, err)
+		require.NoError(t, b.Add(ctx, "1", 1, nil, 10))
+		require.NoError(t, b.Add(ctx, "2", 1, nil, 20))
+		require.NoError(t, b.Add(ctx, "3", 1, 2, 30))
+		require.NoError(t, b.Add(ctx, "4", 1, 2, 40))
+		require.NoError(t, b.Close(ctx))
+		require.Equal(t, int64(3), db.Int(t, "SELECT count(*) FROM t"))
+		require.Equal(t, int64(40), db.Int(t, "SELECT v FROM t WHERE b = 2"))
+	})
+	t.Run("key_cache_reject_fail", func(t *testing.T) {
+		t.Parallel()
+		db := pgtest.New(t)
+		db.Exec(t, "CREATE TABLE t (k int PRIMARY KEY, v int NOT NULL CHECK (v >= 0)); INSERT INTO t VALUES (1, 0), (2, 0), (3, 0)")
+		keys, err := NewCache[int32, struct{}](CacheConfig{})
+		require.NoError(t, err)
+		require.NoError(t, keys.Preload(ctx, db.Pool, Lookup{Table: db.Schema + ".t", Key: "k"}))
+		s, err := NewSession(ctx, db.Pool, SessionConfig{Job: "kc", CheckpointSchema: db.Schema})
+		require.NoError(t, err)
+		defer s.Close(ctx)
+		b, err := s.Batch(ctx, BatchConfig{Table: db.Schema + ".t", Columns: []string{"k", "v"}, Key: []string{"k"}, KeyCache: keys})
+		require.NoError(t, err)
+		require.NoError(t, b.Add(ctx, "1", int32(1), int32(10)))   // known
+		require.NoError(t, b.Add(ctx, "2", int32(100), int32(10))) // new
+		require.NoError(t, b.Add(ctx, "3", int32(101), int32(-1))) // new, bad
+		require.NoError(t, b.Add(ctx, "4", int32(2), int32(10)))   // known, after the bad row
+		require.NoError(t, b.Add(ctx, "5", int32(102), int32(10))) // new, after the bad row
+		err = b.Close(ctx)
+		var berr *BatchError
+		require.ErrorAs(t, err, &berr)
+		require.Equal(t, "3", berr.Cursor)
+		require.True(t, berr.Committed)
+		require.Equal(t, int64(10), db.Int(t, "SELECT v FROM t WHERE k = 1"))
+		require.Equal(t, int64(1), db.Int(t, "SELECT count(*) FROM t WHERE k = 100"))
+		require.Equal(t, int64(0), db.Int(t, "SELECT v FROM t WHERE k = 2"), "rows after the bad one are not committed")
+		require.Zero(t, db.Int(t, "SELECT count(*) FROM t WHERE k = 102"))
+		cp, err := ReadCheckpoint(ctx, db.Pool, db.Schema, "kc")
+		require.NoError(t, err)
+		require.Equal(t, "2", cp.Cursor)
+		require.Equal(t, int64(2), cp.Rows)
+	})
+}

@@ -10,10 +10,10 @@ import (
 
 // Backend is one server process (one client session) as pg_stat_activity shows it.
 type Backend struct {
-	PID             int32
-	User            string
-	Database        string
-	ApplicationName string
+	PID             int32  // the backend's process id
+	User            string // its role
+	Database        string // its database
+	ApplicationName string // its application_name
 	ClientAddr      string // client address, "" for a Unix socket
 	State           string // "idle in transaction" or "idle in transaction (aborted)"
 	// StateAge is how long the backend has been in State (now - state_change): for an

@@ -128,6 +128,7 @@ func newConfigError(key, value string, err error, secrets []string) *ConfigError
 	}
 }
 
+// Error implements error; the message names the key and value, never a password.
 func (e *ConfigError) Error() string { return e.msg }
 
 // Unwrap returns the cause.

@@ -10,7 +10,9 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
+	"unicode/utf8"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
@@ -35,10 +37,14 @@ const (
 
 // Defaults of [RetryPolicy].
 const (
-	MaxAttemptsDefault    = 10
-	MaxElapsedDefault     = 5 * time.Minute
+	// MaxAttemptsDefault is the number of attempts of one unit of work.
+	MaxAttemptsDefault = 10
+	// MaxElapsedDefault bounds the time spent retrying one unit of work.
+	MaxElapsedDefault = 5 * time.Minute
+	// InitialBackoffDefault is the first backoff's upper bound.
 	InitialBackoffDefault = 100 * time.Millisecond
-	MaxBackoffDefault     = 10 * time.Second
+	// MaxBackoffDefault caps the backoff.
+	MaxBackoffDefault = 10 * time.Second
 )
 
 // SessionConfig configures a [Session]. The zero value of every field but Job is a
@@ -135,20 +141,20 @@ type RetryPolicy struct {
 
 // RetryEvent describes a failed attempt that is about to be retried.
 type RetryEvent struct {
-	Job     string
+	Job     string        // the job's name
 	Seq     int64         // batch sequence being committed
 	Attempt int           // the attempt that failed, from 1
 	Class   string        // the failure's class, as counted in Stat.Retries
 	Backoff time.Duration // the wait before the next attempt
-	Err     error
+	Err     error         // the failure
 }
 
 func (c *SessionConfig) setDefaults() error {
 	if c.Job == "" {
 		return errors.New("pgetl: SessionConfig.Job is required")
 	}
-	if strings.IndexByte(c.Job, 0) >= 0 {
-		return errors.New("pgetl: SessionConfig.Job must not contain a NUL byte")
+	if strings.IndexByte(c.Job, 0) >= 0 || !utf8.ValidString(c.Job) {
+		return errors.New("pgetl: SessionConfig.Job must be valid UTF-8 without NUL bytes")
 	}
 	if c.CheckpointSchema == "" {
 		c.CheckpointSchema = CheckpointSchemaDefault
@@ -193,13 +199,13 @@ func (c *SessionConfig) setDefaults() error {
 // Checkpoint is where a job stands: the last committed batch and the cursor of its
 // last row.
 type Checkpoint struct {
-	Job       string
-	Seq       int64  // sequence of the last committed batch (0: none yet)
-	Cursor    string // the cursor of the last committed row ("" when none)
-	Rows      int64  // rows committed by the job since its start (or Restart)
-	Rejects   int64  // rows rejected since its start
-	UpdatedAt time.Time
-	Finished  bool
+	Job       string    // the job's name
+	Seq       int64     // sequence of the last committed batch (0: none yet)
+	Cursor    string    // the cursor of the last committed row ("" when none)
+	Rows      int64     // rows committed by the job since its start (or Restart)
+	Rejects   int64     // rows rejected since its start
+	UpdatedAt time.Time // when the checkpoint last advanced
+	Finished  bool      // whether Finish marked the job done
 }
 
 // Session runs one long job: it owns the job's checkpoint (claimed with a lease), and
@@ -219,10 +225,16 @@ type Session struct {
 	mu      sync.Mutex // guards the fields below
 	cp      Checkpoint // as last committed by this session
 	closed  bool
+	closing bool // Close has begun: no new batch sessions
 	fenced  bool
 	resync  bool                       // cp.Seq may be behind the database after an abandoned in-doubt commit
 	batches map[*BatchSession]struct{} // open batch sessions, closed by Close
 	stat    statCounters
+
+	nextRow atomic.Int64 // job-wide index of the next row passed to any BatchSession.Add
+
+	closeOnce sync.Once
+	closeErr  error
 
 	stop chan struct{}
 	wg   sync.WaitGroup
@@ -295,7 +307,7 @@ CREATE TABLE IF NOT EXISTS ` + sch + `.reject (
 	constraint_name text,
 	row             jsonb,
 	created_at      timestamptz NOT NULL DEFAULT now(),
-	PRIMARY KEY (job, row_index)
+	PRIMARY KEY (job, seq, row_index)
 );
 CREATE OR REPLACE FUNCTION ` + sch + `.advance(p_job text, p_owner text, p_seq bigint, p_cursor text,
 	p_rows bigint, p_rejects bigint, p_lease interval) RETURNS void LANGUAGE plpgsql AS $pgetl$
@@ -399,6 +411,7 @@ func (s *Session) claim(ctx context.Context) error {
 		}
 		cp.Finished = finished
 		s.cp = cp
+		s.nextRow.Store(cp.Rows + cp.Rejects)
 		return nil
 	})
 }
@@ -502,11 +515,13 @@ func (s *Session) Finish(ctx context.Context) error {
 // the next session for the job can start at once. It does not close the pool. Close
 // is idempotent; methods called after it return ErrClosed.
 func (s *Session) Close(ctx context.Context) error {
+	s.closeOnce.Do(func() { s.closeErr = s.close(ctx) })
+	return s.closeErr
+}
+
+func (s *Session) close(ctx context.Context) error {
 	s.mu.Lock()
-	if s.closed {
-		s.mu.Unlock()
-		return nil
-	}
+	s.closing = true // Batch refuses new batch sessions from now on
 	open := make([]*BatchSession, 0, len(s.batches))
 	for b := range s.batches {
 		open = append(open, b)
@@ -516,9 +531,12 @@ func (s *Session) Close(ctx context.Context) error {
 	for _, b := range open {
 		errs = append(errs, b.Close(ctx))
 	}
+	// Wait for a Tx or Finish in flight, then let nothing new start.
+	s.commitMu.Lock()
 	s.mu.Lock()
 	s.closed = true
 	s.mu.Unlock()
+	s.commitMu.Unlock()
 	close(s.stop)
 	s.wg.Wait()
 	_, err := s.pool.Exec(ctx, `UPDATE `+s.schema+`.checkpoint SET owner = NULL, lease_until = NULL
@@ -553,37 +571,49 @@ func (s *Session) fence() error {
 // bytes (NAMEDATALEN-1) so the server keeps it whole. It lets pg_stat_activity show
 // the job and batch, and lets in-doubt resolution find exactly that transaction's
 // backend, also behind a pooler whose backend pids the client cannot know.
+//
+// Bytes outside printable ASCII become '?': the server would rewrite them anyway,
+// and the name must read back exactly as sent.
 func (s *Session) appName(seq int64) string {
 	suffix := "#" + strconv.FormatInt(seq, 10) + "." + s.owner[:6]
-	name := "pgetl " + s.cfg.Job
+	name := "pgetl " + strings.Map(func(r rune) rune {
+		if r < 0x20 || r > 0x7e {
+			return '?'
+		}
+		return r
+	}, s.cfg.Job)
 	if len(name)+len(suffix) > 63 {
 		name = name[:63-len(suffix)]
 	}
 	return name + suffix
 }
 
-// guardSQL returns the SET LOCAL statements of a transaction committing batch seq.
-func (s *Session) guardSQL(seq int64) string {
-	var b strings.Builder
+// guardStmts returns the SET LOCAL statements of a transaction committing batch seq.
+func (s *Session) guardStmts(seq int64) []string {
+	var stmts []string
 	g := s.cfg.Guards
 	for _, f := range []struct {
 		name string
 		d    time.Duration
 	}{{"idle_in_transaction_session_timeout", g.IdleInTransactionTimeout}, {"statement_timeout", g.StatementTimeout}, {"lock_timeout", g.LockTimeout}} {
 		if f.d > 0 {
-			fmt.Fprintf(&b, "SET LOCAL %s = %d;", f.name, f.d.Milliseconds())
+			stmts = append(stmts, fmt.Sprintf("SET LOCAL %s = %d", f.name, f.d.Milliseconds()))
 		}
 	}
 	if s.cfg.AsyncCommit {
-		b.WriteString("SET LOCAL synchronous_commit = off;")
+		stmts = append(stmts, "SET LOCAL synchronous_commit = off")
 	}
 	if g.ServerKeepalive != nil {
 		for _, kv := range g.ServerKeepalive.ServerSettings() {
-			b.WriteString("SET LOCAL " + kv + ";")
+			stmts = append(stmts, "SET LOCAL "+kv)
 		}
 	}
-	b.WriteString("SET LOCAL application_name = " + quoteLiteral(s.appName(seq)) + ";")
-	return b.String()
+	return append(stmts, "SET LOCAL application_name = "+quoteLiteral(s.appName(seq)))
+}
+
+// guardSQL returns guardStmts as one string of statements.
+func (s *Session) guardSQL(seq int64) string {
+	return strings.Join(s.guardStmts(seq), ";") + ";"
 }
 
 // advanceSQL returns the statement that advances the checkpoint to seq inside the
@@ -599,10 +629,11 @@ func (s *Session) advanceSQL(seq int64, cursor *string, rows, rejects int64) str
 		s.schema, quoteLiteral(s.cfg.Job), quoteLiteral(s.owner), seq, c, rows, rejects, s.cfg.Lease.Milliseconds())
 }
 
-// quoteLiteral quotes s as an SQL string literal, for standard_conforming_strings=on
-// (the default since PostgreSQL 9.1; pgx requires it). s must not contain NUL.
+// quoteLiteral quotes s as an SQL string literal in the escape-string form (E'…',
+// backslashes and quotes doubled), which reads the same whatever
+// standard_conforming_strings is. s must not contain NUL and must be valid UTF-8.
 func quoteLiteral(s string) string {
-	return "'" + strings.ReplaceAll(s, "'", "''") + "'"
+	return "E'" + strings.ReplaceAll(strings.ReplaceAll(s, `\`, `\\`), "'", "''") + "'"
 }
 
 // commitOutcome is what one attempt to commit a unit of work reports.
@@ -734,8 +765,21 @@ func (s *Session) resolve(ctx context.Context, seq int64) (bool, error) {
 		return false, err
 	}
 	defer conn.Release()
+	app := s.appName(seq)
 	_, _ = conn.Exec(ctx, `SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-		WHERE application_name = $1 AND pid <> pg_backend_pid()`, s.appName(seq))
+		WHERE application_name = $1 AND pid <> pg_backend_pid()`, app)
+	// pg_terminate_backend only signals: wait (bounded) until the backend is gone.
+	for i := 0; i < 100; i++ {
+		var n int
+		if err := conn.QueryRow(ctx, `SELECT count(*) FROM pg_stat_activity WHERE application_name = $1`, app).Scan(&n); err != nil || n == 0 {
+			break
+		}
+		select {
+		case <-ctx.Done():
+			return false, ctx.Err()
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
 	var cur int64
 	var owner *string
 	err = conn.QueryRow(ctx, `SELECT seq, owner FROM `+s.schema+`.checkpoint WHERE job = $1 FOR UPDATE`, s.cfg.Job).Scan(&cur, &owner)
@@ -743,9 +787,8 @@ func (s *Session) resolve(ctx context.Context, seq int64) (bool, error) {
 		return false, err
 	}
 	if owner == nil || *owner != s.owner {
-		if cur >= seq {
-			return true, nil
-		}
+		// Another session owns the job now: its progress says nothing about this
+		// batch.
 		return false, s.fence()
 	}
 	return cur >= seq, nil
@@ -897,6 +940,9 @@ func (s *Session) sync(ctx context.Context) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.cp.Seq, s.cp.Rows, s.cp.Rejects, s.resync = seq, rows, rejects, false
+	if n := rows + rejects; n > s.nextRow.Load() {
+		s.nextRow.Store(n)
+	}
 	if cursor != nil {
 		s.cp.Cursor = *cursor
 	}
