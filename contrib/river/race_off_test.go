@@ -1,0 +1,5 @@
+//go:build !race
+
+package pgetlriver_test
+
+const raceEnabled = false
