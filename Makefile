@@ -23,9 +23,10 @@ DEMO := $(if $(wildcard examples/products),products,demo)
 
 all: lint test
 
-## test: the whole test suite with the race detector, against real PostgreSQL.
+## test: the whole test suite (core and contrib/river) with the race detector, against real PostgreSQL.
 test:
 	$(GO) test -race -count=1 -timeout 60m ./...
+	cd contrib/river && $(GO) test -race -count=1 -timeout 10m ./...
 
 ## bench: the benchmark suite, -count $(BENCH_COUNT), then the ratio table.
 bench:
@@ -42,6 +43,7 @@ lint:
 	if [ -n "$$unformatted" ]; then echo "gofmt: these files need formatting (make fmt):"; echo "$$unformatted"; exit 1; fi
 	$(GO) vet ./...
 	$(GO) run $(STATICCHECK) ./...
+	cd contrib/river && $(GO) vet ./... && $(GO) run $(STATICCHECK) ./...
 
 ## fmt: format every Go file.
 fmt:
@@ -54,3 +56,4 @@ demo:
 ## tidy: tidy go.mod and go.sum.
 tidy:
 	$(GO) mod tidy
+	cd contrib/river && $(GO) mod tidy
