@@ -22,7 +22,7 @@ func TestBatchCursorQuotingAnyStandardConformingStrings(t *testing.T) {
 	// cursor into SQL.
 	url := pgtest.WithParam(bd.db.URL, "options", "'-c standard_conforming_strings=off'")
 	if strings.Contains(bd.db.URL, "://") {
-		url = pgtest.WithParam(bd.db.URL, "options", "-c%20standard_conforming_strings=off")
+		url = pgtest.WithParam(bd.db.URL, "options", "-c%20standard_conforming_strings%3Doff")
 	}
 	pool, err := pgxpool.New(ctx, url)
 	require.NoError(t, err)

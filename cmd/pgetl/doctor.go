@@ -296,15 +296,41 @@ func checkPooler(ctx context.Context, r *report, pool *pgxpool.Pool, mode pgx.Qu
 		return false, err
 	}
 	told := a.Conn().PgConn().PID()
+	// A second signal that does not depend on the pooler's idle list: while A holds
+	// a transaction, B runs on another backend; once A commits, a transaction pooler
+	// may move B's next statement to A's backend. A session pooler never moves B.
+	moved := false
+	for i := 0; i < 5 && pidA != pidB && !moved; i++ {
+		var b1, b2 uint32
+		tx, err := a.Begin(ctx)
+		if err != nil {
+			return false, err
+		}
+		if _, err := tx.Exec(ctx, "SELECT 1"); err != nil {
+			_ = tx.Rollback(ctx)
+			return false, err
+		}
+		if err := b.QueryRow(ctx, "SELECT pg_backend_pid()").Scan(&b1); err != nil {
+			_ = tx.Rollback(ctx)
+			return false, err
+		}
+		if err := tx.Commit(ctx); err != nil {
+			return false, err
+		}
+		if err := b.QueryRow(ctx, "SELECT pg_backend_pid()").Scan(&b2); err != nil {
+			return false, err
+		}
+		moved = b1 != b2
+	}
 	const topic = "pooler"
 	switch {
-	case pidA == pidB:
+	case pidA == pidB || moved:
 		// Two open client connections served by one backend: transaction pooling.
 		if mode == pgx.QueryExecModeCacheStatement {
-			r.warn(topic, "transaction pooler detected (two open client connections were served by one backend, pid %d): exec mode %q uses prepared statements, which fail behind it (SQLSTATE 42P05/26000, CopyFrom too): add %s=pgbouncer to the connection string (exec mode cache_describe)",
+			r.warn(topic, "transaction pooler detected (one client connection's statements ran on different backends, or two client connections on one, pid %d): exec mode %q uses prepared statements, which fail behind it (SQLSTATE 42P05/26000, CopyFrom too): add %s=pgbouncer to the connection string (exec mode cache_describe)",
 				pidA, mode, pgetl.PoolerKey)
 		} else {
-			r.ok(topic, "transaction pooler detected (two open client connections were served by one backend, pid %d); exec mode %q works behind it", pidA, mode)
+			r.ok(topic, "transaction pooler detected (one client connection's statements ran on different backends, or two client connections on one, pid %d); exec mode %q works behind it", pidA, mode)
 		}
 		return true, nil
 	case told != pidA:
