@@ -174,7 +174,7 @@ type BatchSession struct {
 	err    error // sticky: the first failure; every later call returns it
 	closed bool
 
-	limit  int // rows of the batch being filled: ramps up to CommitRows (slow start)
+	limit int // rows of the batch being filled: ramps up to CommitRows (slow start)
 
 	closeOnce sync.Once
 	closeErr  error
