@@ -588,35 +588,27 @@ func (s *Session) appName(seq int64) string {
 	return name + suffix
 }
 
-// guardStmts returns the statement that sets the guards of a transaction committing
-// batch seq: one SELECT of set_config(name, value, is_local => true) calls, the
-// equivalent of SET LOCAL for each, in one statement (one parse, one plan).
+// guardStmts returns the SET LOCAL statements of a transaction committing batch seq.
 func (s *Session) guardStmts(seq int64) []string {
-	var sets []string
-	set := func(name, value string) {
-		sets = append(sets, "set_config("+quoteLiteral(name)+", "+quoteLiteral(value)+", true)")
-	}
+	var stmts []string
 	g := s.cfg.Guards
 	for _, f := range []struct {
 		name string
 		d    time.Duration
 	}{{"idle_in_transaction_session_timeout", g.IdleInTransactionTimeout}, {"statement_timeout", g.StatementTimeout}, {"lock_timeout", g.LockTimeout}} {
 		if f.d > 0 {
-			set(f.name, strconv.FormatInt(f.d.Milliseconds(), 10))
+			stmts = append(stmts, fmt.Sprintf("SET LOCAL %s = %d", f.name, f.d.Milliseconds()))
 		}
 	}
 	if s.cfg.AsyncCommit {
-		set("synchronous_commit", "off")
+		stmts = append(stmts, "SET LOCAL synchronous_commit = off")
 	}
 	if g.ServerKeepalive != nil {
 		for _, kv := range g.ServerKeepalive.ServerSettings() {
-			if name, value, ok := strings.Cut(kv, " = "); ok {
-				set(name, value)
-			}
+			stmts = append(stmts, "SET LOCAL "+kv)
 		}
 	}
-	set("application_name", s.appName(seq))
-	return []string{"SELECT " + strings.Join(sets, ", ")}
+	return append(stmts, "SET LOCAL application_name = "+quoteLiteral(s.appName(seq)))
 }
 
 // guardSQL returns guardStmts as one string of statements.
