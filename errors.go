@@ -136,10 +136,11 @@ func IsTransient(err error) bool {
 	return pgconn.SafeToRetry(err) || isConnClosed(err)
 }
 
-// isConnClosed reports pgconn's closed-connection condition. pgconn exposes no
-// sentinel for it; its errors implement SafeToRetry and wrap the original network
-// error when one exists, which the checks above catch. What remains is a connection
-// pgconn had already marked closed.
+// isConnClosed reports the remaining errors of pgconn's transport layer: pgconn
+// exposes no sentinel for a connection it had already marked closed ("conn
+// closed"), but every error it raises around sending and receiving implements
+// SafeToRetry (whatever it returns), while server errors are *PgError (handled
+// above). So any such error counts as a lost connection: transient.
 func isConnClosed(err error) bool {
 	var c interface{ SafeToRetry() bool }
 	return errors.As(err, &c)
