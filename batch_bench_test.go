@@ -201,6 +201,12 @@ func BenchmarkBatchInsert(b *testing.B) {
 			return loadBatch(ctx, s, BatchConfig{Table: tbl, Columns: workload.Columns, CommitRows: 1000}, rows, nil)
 		})
 	})
+	b.Run("rows=1000/no_checkpoint", func(b *testing.B) {
+		measure(b, db, n, nil, func(tbl string) error {
+			s := benchSession(b, db, func(c *SessionConfig) { c.skipCheckpoint = true })
+			return loadBatch(ctx, s, BatchConfig{Table: tbl, Columns: workload.Columns, CommitRows: 1000}, rows, nil)
+		})
+	})
 	b.Run("rows=10000/no_checkpoint", func(b *testing.B) {
 		measure(b, db, n, nil, func(tbl string) error {
 			s := benchSession(b, db, func(c *SessionConfig) { c.skipCheckpoint = true })
