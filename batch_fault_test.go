@@ -125,6 +125,7 @@ func TestBatchSurvivesTerminate(t *testing.T) {
 	t.Logf("terminated during COPY: %d; retries: %v", killed.Load(), s.Stat().Retries())
 	require.Positive(t, killed.Load(), "the test must have hit a COPY")
 	require.Positive(t, s.Stat().TotalRetries())
+	require.Positive(t, s.Stat().Reconnects())
 }
 
 // TestBatchNoIdleInTransaction runs a job whose source pauses 2 s between rows under a

@@ -63,3 +63,10 @@ func (st Stat) TotalRetries() int64 {
 	}
 	return n
 }
+
+// Reconnects returns how many attempts lost their connection (classes
+// "connection", "server_shutdown" and "idle_timeout"): each retry after one runs on
+// a fresh connection.
+func (st Stat) Reconnects() int64 {
+	return st.c.retries["connection"] + st.c.retries["server_shutdown"] + st.c.retries["idle_timeout"]
+}
