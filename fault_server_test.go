@@ -79,17 +79,19 @@ func TestFaultServer(t *testing.T) {
 
 	t.Run("fast_restart", func(t *testing.T) {
 		bd, s, sampler, _, err := run(t, "restart", retry, func(release func()) {
-			release()
+			// The fault first, while batch 3 holds its connection: released first,
+			// the rest of the job (a few ms a batch) could finish before it.
 			t0 := time.Now()
 			c.Restart(t)
 			t.Logf("pg_ctl restart -m fast took %v", time.Since(t0).Round(time.Millisecond))
+			release()
 		})
 		done(t, bd, s, sampler, err)
 	})
 	t.Run("immediate_stop_start", func(t *testing.T) {
 		bd, s, sampler, _, err := run(t, "immediate", retry, func(release func()) {
-			release()
 			c.StopImmediate(t)
+			release()
 			time.Sleep(2 * time.Second) // the outage
 			t0 := time.Now()
 			c.Start(t)
@@ -99,10 +101,13 @@ func TestFaultServer(t *testing.T) {
 	})
 	t.Run("crash_reinit", func(t *testing.T) {
 		bd, s, sampler, _, err := run(t, "crash", retry, func(release func()) {
-			release()
+			// Crash while batch 3 holds its connection, before its message goes:
+			// released first, the batch (1,000 rows, a few ms) could commit before the
+			// crash, whose dead connections the pool may then discard unnoticed.
 			t0 := time.Now()
 			c.Crash(t)
 			t.Logf("backend SIGKILL → ready again in %v", time.Since(t0).Round(time.Millisecond))
+			release()
 		})
 		done(t, bd, s, sampler, err)
 	})
