@@ -57,10 +57,10 @@ func (b *BatchSession) commit(ctx context.Context, bt *batch) (err error) {
 			return err
 		}
 		var sent int64
-		err := s.run(ctx, seq, func(ctx context.Context, n int) (commitOutcome, uint32, error) {
-			out, pid, nbytes, err := b.attempt(ctx, seq, n, bt, sel, int64(len(sel))+merged, rejects, bt.last, false)
+		err := s.run(ctx, seq, func(ctx context.Context, n int) (commitOutcome, error) {
+			out, nbytes, err := b.attempt(ctx, seq, n, bt, sel, int64(len(sel))+merged, rejects, bt.last, false)
 			sent = nbytes
-			return out, pid, err
+			return out, err
 		})
 		if err == nil {
 			rows := int64(len(sel)) + merged
@@ -128,10 +128,10 @@ func (b *BatchSession) failAt(ctx context.Context, seq int64, bt *batch, bad int
 	prefix = b.knownFirst(bt, prefix)
 	rows := int64(len(prefix)) + merged
 	var sent int64
-	err := s.run(ctx, seq, func(ctx context.Context, n int) (commitOutcome, uint32, error) {
-		out, pid, nbytes, err := b.attempt(ctx, seq, n, bt, prefix, rows, keep, cursor, false)
+	err := s.run(ctx, seq, func(ctx context.Context, n int) (commitOutcome, error) {
+		out, nbytes, err := b.attempt(ctx, seq, n, bt, prefix, rows, keep, cursor, false)
 		sent = nbytes
-		return out, pid, err
+		return out, err
 	})
 	if err != nil {
 		return fmt.Errorf("%w (and committing the rows before it failed: %w)", berr, err)
@@ -228,12 +228,12 @@ func (e *rowError) Unwrap() error { return e.err }
 // message holding BEGIN, the guards, the COPY, the merge, the rejects, the
 // checkpoint and COMMIT, with the COPY data right behind it. With probe, it instead
 // runs the rows in a transaction that is rolled back, to test them.
-func (b *BatchSession) attempt(ctx context.Context, seq int64, n int, bt *batch, sel []int, rows int64, rejects []Reject, cursor *string, probe bool) (commitOutcome, uint32, int64, error) {
+func (b *BatchSession) attempt(ctx context.Context, seq int64, n int, bt *batch, sel []int, rows int64, rejects []Reject, cursor *string, probe bool) (commitOutcome, int64, error) {
 	s := b.s
 	t0 := time.Now()
 	conn, err := s.pool.Acquire(ctx)
 	if err != nil {
-		return outcomeFailed, 0, 0, err
+		return outcomeFailed, 0, err
 	}
 	defer func() {
 		conn.Release()
@@ -242,13 +242,12 @@ func (b *BatchSession) attempt(ctx context.Context, seq int64, n int, bt *batch,
 		s.mu.Unlock()
 	}()
 	pgc := conn.Conn().PgConn()
-	pid := pgc.PID()
 	if s.cfg.beforeCommit != nil && !probe {
 		s.cfg.beforeCommit(ctx, seq, n, pgc)
 	}
 	if b.cfg.SQL != "" {
 		out, err := b.statementAttempt(ctx, conn.Conn(), seq, bt, sel, rows, rejects, cursor, probe)
-		return out, pid, 0, err
+		return out, 0, err
 	}
 	var q strings.Builder
 	q.WriteString("BEGIN;")
@@ -301,9 +300,9 @@ func (b *BatchSession) attempt(ctx context.Context, seq int64, n int, bt *batch,
 	}
 	if err == nil {
 		if want := map[bool]string{true: "ROLLBACK", false: "COMMIT"}[probe]; tag != want {
-			return outcomeFailed, pid, nbytes, fmt.Errorf("pgetl: batch ended with %q, not %s", tag, want)
+			return outcomeFailed, nbytes, fmt.Errorf("pgetl: batch ended with %q, not %s", tag, want)
 		}
-		return outcomeCommitted, pid, nbytes, nil
+		return outcomeCommitted, nbytes, nil
 	}
 	if pg := pgErrorOf(err); pg != nil && pg.Severity == "ERROR" {
 		// The server refused a statement: the rest of the message, COMMIT included,
@@ -311,14 +310,14 @@ func (b *BatchSession) attempt(ctx context.Context, seq int64, n int, bt *batch,
 		if pgc.TxStatus() != 'I' {
 			_ = pgc.Exec(ctx, "ROLLBACK").Close()
 		}
-		return outcomeFailed, pid, nbytes, err
+		return outcomeFailed, nbytes, err
 	}
 	if probe {
-		return outcomeFailed, pid, nbytes, err
+		return outcomeFailed, nbytes, err
 	}
 	// The connection failed (or a FATAL arrived) after the message was sent, and
 	// COMMIT may have run.
-	return outcomeInDoubt, pid, nbytes, err
+	return outcomeInDoubt, nbytes, err
 }
 
 // copyData returns the binary COPY streams of rows sel of bt, one per COPY
@@ -413,7 +412,7 @@ func (b *BatchSession) bisect(ctx context.Context, seq int64, bt *batch, sel []i
 		b.s.count("bisect_probe")
 		var err error
 		for attempt := 1; ; attempt++ {
-			_, _, _, err = b.attempt(ctx, seq, 0, bt, sel[:k], 0, nil, nil, true)
+			_, _, err = b.attempt(ctx, seq, 0, bt, sel[:k], 0, nil, nil, true)
 			if err == nil || !IsTransient(err) || ctx.Err() != nil || attempt >= b.s.cfg.Retry.MaxAttempts {
 				break
 			}

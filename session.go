@@ -652,11 +652,11 @@ const (
 // run commits one unit of work (batch seq) with attempt, retrying transient failures
 // with backoff and resolving an in-doubt COMMIT from the checkpoint. Caller must hold
 // commitMu.
-func (s *Session) run(ctx context.Context, seq int64, attempt func(ctx context.Context, n int) (commitOutcome, uint32, error)) error {
+func (s *Session) run(ctx context.Context, seq int64, attempt func(ctx context.Context, n int) (commitOutcome, error)) error {
 	start := time.Now()
 	r := s.cfg.Retry
 	for n := 1; ; n++ {
-		outcome, _, err := attempt(ctx, n)
+		outcome, err := attempt(ctx, n)
 		if outcome == outcomeCommitted {
 			return nil
 		}
@@ -848,13 +848,13 @@ func (s *Session) Tx(ctx context.Context, fn func(pgx.Tx) error) error {
 		fnErr error
 		last  *sessionTx // the last attempt's transaction, whose hooks are pending
 	)
-	err := s.run(ctx, seq, func(ctx context.Context, n int) (commitOutcome, uint32, error) {
+	err := s.run(ctx, seq, func(ctx context.Context, n int) (commitOutcome, error) {
 		if last != nil {
 			last.runRollback() // a new attempt: the previous one did not commit
 		}
-		out, pid, stx, err, ferr := s.txAttempt(ctx, seq, n, fn)
+		out, stx, err, ferr := s.txAttempt(ctx, seq, n, fn)
 		last, fnErr = stx, ferr
-		return out, pid, err
+		return out, err
 	})
 	if err == nil && fnErr == nil {
 		s.committed(seq, nil, 0, 0, 0)
@@ -874,11 +874,11 @@ func (s *Session) Tx(ctx context.Context, fn func(pgx.Tx) error) error {
 
 // txAttempt is one attempt of Tx. The hooks of the returned transaction are pending:
 // the caller runs them once the outcome is final.
-func (s *Session) txAttempt(ctx context.Context, seq int64, n int, fn func(pgx.Tx) error) (out commitOutcome, pid uint32, stx *sessionTx, err, fnErr error) {
+func (s *Session) txAttempt(ctx context.Context, seq int64, n int, fn func(pgx.Tx) error) (out commitOutcome, stx *sessionTx, err, fnErr error) {
 	t0 := time.Now()
 	conn, err := s.pool.Acquire(ctx)
 	if err != nil {
-		return outcomeFailed, 0, nil, err, nil
+		return outcomeFailed, nil, err, nil
 	}
 	defer func() {
 		conn.Release()
@@ -886,38 +886,37 @@ func (s *Session) txAttempt(ctx context.Context, seq int64, n int, fn func(pgx.T
 		s.stat.holdNanos += int64(time.Since(t0))
 		s.mu.Unlock()
 	}()
-	pid = conn.Conn().PgConn().PID()
 	tx, err := conn.Begin(ctx)
 	if err != nil {
-		return outcomeFailed, pid, nil, err, nil
+		return outcomeFailed, nil, err, nil
 	}
 	stx = &sessionTx{Tx: tx}
 	if _, err := tx.Exec(ctx, s.guardSQL(seq)); err != nil {
 		_ = tx.Rollback(ctx)
-		return outcomeFailed, pid, stx, err, nil
+		return outcomeFailed, stx, err, nil
 	}
 	if ferr := fn(stx); ferr != nil {
 		_ = tx.Rollback(ctx)
 		if IsTransient(ferr) && ctx.Err() == nil {
 			// fn's statement failed for a transient reason: retry the whole unit.
-			return outcomeFailed, pid, stx, ferr, nil
+			return outcomeFailed, stx, ferr, nil
 		}
-		return outcomeFailed, pid, stx, nil, ferr
+		return outcomeFailed, stx, nil, ferr
 	}
 	if _, err := tx.Exec(ctx, s.advanceSQL(seq, nil, 0, 0)); err != nil {
 		_ = tx.Rollback(ctx)
-		return outcomeFailed, pid, stx, err, nil
+		return outcomeFailed, stx, err, nil
 	}
 	if s.cfg.beforeCommit != nil {
 		s.cfg.beforeCommit(ctx, seq, n, conn.Conn().PgConn())
 	}
 	if err := tx.Commit(ctx); err != nil {
 		if pg := pgErrorOf(err); pg != nil && pg.Severity == "ERROR" {
-			return outcomeFailed, pid, stx, err, nil
+			return outcomeFailed, stx, err, nil
 		}
-		return outcomeInDoubt, pid, stx, err, nil
+		return outcomeInDoubt, stx, err, nil
 	}
-	return outcomeCommitted, pid, stx, nil, nil
+	return outcomeCommitted, stx, nil, nil
 }
 
 // sync re-reads the checkpoint's sequence after an in-doubt commit that the caller

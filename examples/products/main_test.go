@@ -163,6 +163,14 @@ func TestProductsJob(t *testing.T) {
 		err := cmd.Wait()
 		require.Error(t, err)
 		require.False(t, cmd.ProcessState.Success())
+		// A batch whose whole message was sent before the kill may still commit on
+		// the server: wait until the dead run's backends are gone, then read where
+		// it stopped.
+		deadline = time.Now().Add(30 * time.Second)
+		for db.Int(t, `SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE $1`, "pgetl "+job+"#%") > 0 {
+			require.True(t, time.Now().Before(deadline), "the killed run's backends did not end")
+			time.Sleep(10 * time.Millisecond) // polling interval
+		}
 		killed, err := pgetl.ReadCheckpoint(ctx, db.Pool, db.Schema, job)
 		require.NoError(t, err)
 		require.False(t, killed.Finished)
