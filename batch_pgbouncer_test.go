@@ -33,17 +33,8 @@ func TestBatchThroughPgBouncer(t *testing.T) {
 	const n = 20_000
 	load := func(cfg BatchConfig, v int64) {
 		t.Helper()
-		b, err := s.Batch(ctx, cfg)
-		require.NoError(t, err)
-		for i := int64(1); i <= n; i++ {
-			require.NoError(t, b.Add(ctx, strconv.FormatInt(i, 10), workload.Row(i, v).Values()...))
-		}
-		require.NoError(t, b.Close(ctx))
-		cnt, sum, err := workload.QueryChecksum(ctx, db.Pool, tbl)
-		require.NoError(t, err)
-		wc, ws := workload.Checksum(n, v)
-		require.Equal(t, wc, cnt)
-		require.Equal(t, ws, sum)
+		addProducts(t, s, cfg, n, v)
+		requireProducts(t, db, tbl, n, v)
 	}
 	base := BatchConfig{Table: db.Schema + ".products", Columns: workload.Columns, CommitRows: 2000}
 	load(base, 1)

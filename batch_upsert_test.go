@@ -22,10 +22,7 @@ func TestBatchUpsert(t *testing.T) {
 			t.Parallel()
 			db := pgtest.New(t)
 			ctx := context.Background()
-			tbl := pgx.Identifier{db.Schema, "products"}.Sanitize()
-			db.Exec(t, workload.CreateSQL(tbl, true))
-			_, err := db.Pool.CopyFrom(ctx, pgx.Identifier{db.Schema, "products"}, workload.Columns, &oddSource{i: 1, n: n})
-			require.NoError(t, err)
+			tbl := oddProducts(t, db, n)
 			var before int64
 			require.NoError(t, db.Pool.QueryRow(ctx, "SELECT max(id) FROM "+tbl).Scan(&before))
 
@@ -39,17 +36,8 @@ func TestBatchUpsert(t *testing.T) {
 				require.NoError(t, keys.Preload(ctx, db.Pool, Lookup{Table: tbl, Key: "sku"}))
 				cfg.KeyCache = keys
 			}
-			b, err := s.Batch(ctx, cfg)
-			require.NoError(t, err)
-			for i := int64(1); i <= n; i++ {
-				require.NoError(t, b.Add(ctx, strconv.FormatInt(i, 10), workload.Row(i, 2).Values()...))
-			}
-			require.NoError(t, b.Close(ctx))
-			cnt, sum, err := workload.QueryChecksum(ctx, db.Pool, tbl)
-			require.NoError(t, err)
-			wc, ws := workload.Checksum(n, 2)
-			require.Equal(t, wc, cnt)
-			require.Equal(t, ws, sum, "table content equals version 2 of the generator")
+			addProducts(t, s, cfg, n, 2)
+			requireProducts(t, db, tbl, n, 2)
 			// Existing rows were updated in place (same id), not re-inserted.
 			require.Equal(t, int64(n/2), db.Int(t, "SELECT count(*) FROM "+tbl+" WHERE id <= $1", before))
 			require.Equal(t, int64(n), s.Stat().Rows())
@@ -65,6 +53,40 @@ func (s *oddSource) Values() ([]any, error) {
 	return workload.Row(s.i-2, 1).Values(), nil
 }
 func (s *oddSource) Err() error { return nil }
+
+// oddProducts creates the products table in db's schema holding version 1 of the
+// odd rows of 1..n (half the keys of an upsert of 1..n), and returns its quoted name.
+func oddProducts(t *testing.T, db *pgtest.DB, n int64) string {
+	t.Helper()
+	tbl := pgx.Identifier{db.Schema, "products"}.Sanitize()
+	db.Exec(t, workload.CreateSQL(tbl, true))
+	_, err := db.Pool.CopyFrom(context.Background(), pgx.Identifier{db.Schema, "products"}, workload.Columns, &oddSource{i: 1, n: n})
+	require.NoError(t, err)
+	return tbl
+}
+
+// addProducts adds rows 1..n at version v through a batch session for cfg, cursor =
+// row number, and closes it.
+func addProducts(t *testing.T, s *Session, cfg BatchConfig, n, v int64) {
+	t.Helper()
+	ctx := context.Background()
+	b, err := s.Batch(ctx, cfg)
+	require.NoError(t, err)
+	for i := int64(1); i <= n; i++ {
+		require.NoError(t, b.Add(ctx, strconv.FormatInt(i, 10), workload.Row(i, v).Values()...))
+	}
+	require.NoError(t, b.Close(ctx))
+}
+
+// requireProducts checks that table tbl equals rows 1..n at version v exactly.
+func requireProducts(t *testing.T, db *pgtest.DB, tbl string, n, v int64) {
+	t.Helper()
+	cnt, sum, err := workload.QueryChecksum(context.Background(), db.Pool, tbl)
+	require.NoError(t, err)
+	wc, ws := workload.Checksum(n, v)
+	require.Equal(t, wc, cnt)
+	require.Equal(t, ws, sum, "table content equals version %d of the generator", v)
+}
 
 // TestBatchUpsertDuplicateKeys: a key that appears several times in one batch does
 // not make ON CONFLICT fail; the last row wins. A rerun with OnlyChanged rewrites
@@ -166,10 +188,7 @@ func TestBatchUpsertKeyCache(t *testing.T) {
 	const n = 50_000
 	db := pgtest.New(t)
 	ctx := context.Background()
-	tbl := pgx.Identifier{db.Schema, "products"}.Sanitize()
-	db.Exec(t, workload.CreateSQL(tbl, true))
-	_, err := db.Pool.CopyFrom(ctx, pgx.Identifier{db.Schema, "products"}, workload.Columns, &oddSource{i: 1, n: n})
-	require.NoError(t, err)
+	tbl := oddProducts(t, db, n)
 
 	keys, err := NewCache[string, struct{}](CacheConfig{})
 	require.NoError(t, err)
@@ -183,17 +202,8 @@ func TestBatchUpsertKeyCache(t *testing.T) {
 	s, err := NewSession(ctx, db.Pool, SessionConfig{Job: "keycache", CheckpointSchema: db.Schema})
 	require.NoError(t, err)
 	defer s.Close(ctx)
-	b, err := s.Batch(ctx, BatchConfig{Table: db.Schema + ".products", Columns: workload.Columns, Key: []string{"sku"}, KeyCache: keys, CommitRows: 10000})
-	require.NoError(t, err)
-	for i := int64(1); i <= n; i++ {
-		require.NoError(t, b.Add(ctx, strconv.FormatInt(i, 10), workload.Row(i, 2).Values()...))
-	}
-	require.NoError(t, b.Close(ctx))
-	cnt, sum, err := workload.QueryChecksum(ctx, db.Pool, tbl)
-	require.NoError(t, err)
-	wc, ws := workload.Checksum(n, 2)
-	require.Equal(t, wc, cnt)
-	require.Equal(t, ws, sum)
+	addProducts(t, s, BatchConfig{Table: db.Schema + ".products", Columns: workload.Columns, Key: []string{"sku"}, KeyCache: keys, CommitRows: 10000}, n, 2)
+	requireProducts(t, db, tbl, n, 2)
 	require.Equal(t, int64(n), keys.Stat().Len(), "inserted keys were added after commit")
 	require.Positive(t, s.Stat().Retries()["stale_key"])
 	require.LessOrEqual(t, s.Stat().Retries()["stale_key"], int64(n/10000+1), "at most one retry per batch")
