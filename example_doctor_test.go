@@ -3,7 +3,6 @@ package pgetl_test
 import (
 	"context"
 	"fmt"
-	"os"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -15,10 +14,7 @@ import (
 // example opens itself: BEGIN; SELECT 1; and nothing more) and ends it, as
 // `go run ./cmd/pgetl doctor -terminate` does for an operator.
 func ExampleIdleInTransaction() {
-	connString := os.Getenv("DATABASE_URL")
-	if connString == "" {
-		connString = os.Getenv("PGETL_TEST_DATABASE_URL")
-	}
+	connString := exampleDSN()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	pool, err := pgetl.NewPool(ctx, connString)

@@ -3,7 +3,6 @@ package pgetl_test
 import (
 	"context"
 	"fmt"
-	"os"
 	"time"
 
 	"github.com/pgetl/pgetl"
@@ -12,10 +11,7 @@ import (
 // ExampleNewPool connects with DATABASE_URL (or PGETL_TEST_DATABASE_URL, or
 // libpq's defaults when both are empty) and shows the pool settings in effect.
 func ExampleNewPool() {
-	connString := os.Getenv("DATABASE_URL")
-	if connString == "" {
-		connString = os.Getenv("PGETL_TEST_DATABASE_URL")
-	}
+	connString := exampleDSN()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 
