@@ -40,6 +40,62 @@ var ErrTooManyRejects = errors.New("pgetl: too many rejected rows")
 // attempts or [RetryPolicy.MaxElapsed].
 var ErrRetriesExhausted = errors.New("pgetl: retries exhausted")
 
+// ErrCheckpointLost is returned (in a [*CheckpointLostError]) when the database's
+// checkpoint of the job is behind what this session committed and was told was
+// durable: committed batches were lost, by a failover to a standby that had not
+// received them or by a restore from backup. Nothing more is written; the rows the
+// database lost are not loaded. A rerun resumes from the checkpoint the database
+// holds now and loads them again.
+var ErrCheckpointLost = errors.New("pgetl: the database's checkpoint moved back: committed batches were lost")
+
+// ErrInDoubt is returned (in an [*InDoubtError]) when the outcome of a commit could
+// not be learned: the connection failed after COMMIT was sent and the server could
+// not be asked in time. The batch's rows may or may not be in the database; they
+// are never there twice, because the checkpoint's fence rejects a replay of a
+// committed batch. Read the checkpoint (Session.Checkpoint resolves it, or a new
+// Session after a restart) to learn where the job stands.
+var ErrInDoubt = errors.New("pgetl: commit outcome unknown")
+
+// CheckpointLostError reports that the database's checkpoint moved back (see
+// [ErrCheckpointLost]).
+type CheckpointLostError struct {
+	Job string
+	// Committed is where this session had committed the job to.
+	Committed Checkpoint
+	// Database is where the database's checkpoint stands now: a rerun resumes here.
+	Database Checkpoint
+}
+
+// Error implements error.
+func (e *CheckpointLostError) Error() string {
+	return fmt.Sprintf("pgetl: job %q: the database's checkpoint moved back from batch %d to batch %d: "+
+		"%d committed rows were lost by the database (a failover to a standby that had not received them, or a restore); "+
+		"nothing more was written, and a rerun resumes from cursor %q (%d rows loaded)",
+		e.Job, e.Committed.Seq, e.Database.Seq, e.Committed.Rows-e.Database.Rows, e.Database.Cursor, e.Database.Rows)
+}
+
+// Is reports target == ErrCheckpointLost.
+func (e *CheckpointLostError) Is(target error) bool { return target == ErrCheckpointLost }
+
+// InDoubtError reports a commit whose outcome is unknown (see [ErrInDoubt]).
+type InDoubtError struct {
+	Job string
+	Seq int64 // the batch whose commit is in doubt
+	Err error // why it could not be resolved
+}
+
+// Error implements error.
+func (e *InDoubtError) Error() string {
+	return fmt.Sprintf("pgetl: job %q batch %d: commit outcome unknown (the connection failed after COMMIT was sent, and the checkpoint could not be read): %v",
+		e.Job, e.Seq, e.Err)
+}
+
+// Is reports target == ErrInDoubt.
+func (e *InDoubtError) Is(target error) bool { return target == ErrInDoubt }
+
+// Unwrap returns why the outcome could not be resolved.
+func (e *InDoubtError) Unwrap() error { return e.Err }
+
 // BatchError describes a batch that failed. It names the batch, and where the failure
 // is pinned to one row, the row's index within the job (0-based, counting every row
 // passed to Add), its cursor, and the column. Unwrap returns the cause, so
