@@ -17,6 +17,8 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/pgetl/pgetl/internal/testhook"
 )
 
 // Defaults of [SessionConfig] and [Guards].
@@ -261,6 +263,9 @@ func NewSession(ctx context.Context, pool *pgxpool.Pool, cfg SessionConfig) (*Se
 	}
 	if s.log == nil {
 		s.log = slog.New(slog.DiscardHandler)
+	}
+	if fn := testhook.BeforeCommitOf(ctx); fn != nil && s.cfg.beforeCommit == nil {
+		s.cfg.beforeCommit = fn
 	}
 	s.stat.retries = map[string]int64{}
 	if err := s.setup(ctx); err != nil {
