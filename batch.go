@@ -2,7 +2,6 @@ package pgetl
 
 import (
 	"context"
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"strings"
@@ -10,7 +9,6 @@ import (
 	"time"
 	"unicode/utf8"
 
-	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgtype"
 )
 
@@ -299,146 +297,6 @@ func (s *Session) Batch(ctx context.Context, cfg BatchConfig) (*BatchSession, er
 	return b, nil
 }
 
-// tableIdent quotes a possibly schema-qualified table name ("sales.orders"); a name
-// that holds a double quote is taken as already quoted SQL (pgx.Identifier's
-// Sanitize), for names that contain dots or capitals.
-func tableIdent(name string) string {
-	if strings.Contains(name, `"`) {
-		return name
-	}
-	return pgx.Identifier(strings.Split(name, ".")).Sanitize()
-}
-
-// describe resolves the column types (one round trip, unnamed statement, so it
-// works behind PgBouncer) and checks the merge statement of an upsert.
-func (b *BatchSession) describe(ctx context.Context) error {
-	cfg := &b.cfg
-	conn, err := b.s.pool.Acquire(ctx)
-	if err != nil {
-		return fmt.Errorf("pgetl: batch: %w", err)
-	}
-	defer conn.Release()
-	pgc := conn.Conn().PgConn()
-	if cfg.SQL != "" {
-		sd, err := pgc.Prepare(ctx, "", cfg.SQL, nil)
-		if err != nil {
-			return fmt.Errorf("pgetl: batch statement %q: %w", cfg.SQL, err)
-		}
-		b.oids = sd.ParamOIDs
-		return nil
-	}
-	quoted := make([]string, len(cfg.Columns))
-	for i, c := range cfg.Columns {
-		quoted[i] = pgx.Identifier{c}.Sanitize()
-	}
-	b.table, b.cols = tableIdent(cfg.Table), strings.Join(quoted, ", ")
-	sd, err := pgc.Prepare(ctx, "", "SELECT "+b.cols+" FROM "+b.table, nil)
-	if err != nil {
-		return fmt.Errorf("pgetl: batch target %s (%s): %w", cfg.Table, strings.Join(cfg.Columns, ", "), err)
-	}
-	for _, f := range sd.Fields {
-		if _, ok := b.m.TypeForOID(f.DataTypeOID); !ok {
-			var name string
-			if err := conn.QueryRow(ctx, "SELECT format_type($1::oid, NULL)", f.DataTypeOID).Scan(&name); err != nil {
-				return fmt.Errorf("pgetl: batch: type of column %s: %w", f.Name, err)
-			}
-			t, err := conn.Conn().LoadType(ctx, name)
-			if err != nil {
-				return fmt.Errorf("pgetl: batch: type %s of column %s: %w", name, f.Name, err)
-			}
-			b.m.RegisterType(t)
-		}
-		b.oids = append(b.oids, f.DataTypeOID)
-	}
-	b.sql.copyStmt = "COPY " + b.table + " (" + b.cols + ") FROM STDIN (FORMAT binary);"
-	if len(cfg.Key) == 0 {
-		return nil
-	}
-	isKey := map[string]bool{}
-	for _, k := range cfg.Key {
-		i := indexOf(cfg.Columns, k)
-		if i < 0 {
-			return fmt.Errorf("pgetl: batch: key column %q is not in Columns", k)
-		}
-		b.keyIx = append(b.keyIx, i)
-		isKey[k] = true
-	}
-	var set, cmpT, cmpS []string
-	for i, c := range cfg.Columns {
-		if !isKey[c] {
-			set = append(set, quoted[i]+" = EXCLUDED."+quoted[i])
-			cmpT = append(cmpT, "t."+quoted[i])
-			cmpS = append(cmpS, "EXCLUDED."+quoted[i])
-		}
-	}
-	keys := make([]string, len(cfg.Key))
-	for i, k := range cfg.Key {
-		keys[i] = pgx.Identifier{k}.Sanitize()
-	}
-	merge := "INSERT INTO " + b.table + " AS t (" + b.cols + ") SELECT " + b.cols + " FROM pgetl_stage ON CONFLICT (" + strings.Join(keys, ", ") + ")"
-	if len(set) == 0 {
-		merge += " DO NOTHING"
-	} else {
-		merge += " DO UPDATE SET " + strings.Join(set, ", ")
-		if cfg.OnlyChanged {
-			merge += " WHERE (" + strings.Join(cmpT, ", ") + ") IS DISTINCT FROM (" + strings.Join(cmpS, ", ") + ")"
-		}
-	}
-	b.sql.stageStmt = "CREATE TEMP TABLE pgetl_stage ON COMMIT DROP AS SELECT " + b.cols + " FROM " + b.table + " WITH NO DATA;"
-	b.sql.copyStmt = "COPY pgetl_stage (" + b.cols + ") FROM STDIN (FORMAT binary);"
-	b.sql.merge = merge + ";"
-	if cfg.KeyCache != nil {
-		if len(cfg.Key) != 1 {
-			return errors.New("pgetl: BatchConfig.KeyCache needs a single-column Key")
-		}
-		if cfg.OnlyChanged || len(set) == 0 {
-			return errors.New("pgetl: BatchConfig.KeyCache cannot be combined with OnlyChanged or a Key that is all the Columns")
-		}
-		k := keys[0]
-		var upd []string
-		for _, c := range set {
-			upd = append(upd, strings.Replace(c, "EXCLUDED.", "s.", 1))
-		}
-		// Nested loops over the key's index: a hash join would read the whole table
-		// for every batch. expect_rows fails the batch (PGK01) if a key the cache
-		// holds is missing from the table, and the batch is then retried as a merge.
-		b.sql.update = "SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off; WITH u AS (UPDATE " + b.table +
-			" AS t SET " + strings.Join(upd, ", ") + " FROM pgetl_stage s WHERE t." + k + " = s." + k + " RETURNING 1) SELECT " +
-			b.s.schema + ".expect_rows((SELECT count(*) FROM u), "
-		b.sql.copyNew = "COPY " + b.table + " (" + b.cols + ") FROM STDIN (FORMAT binary);"
-		rows, err := conn.Query(ctx, `SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
-			WHERE i.indrelid = $1::regclass AND i.indisunique AND i.indnatts = 1
-			AND (SELECT attname FROM pg_attribute WHERE attrelid = i.indrelid AND attnum = i.indkey[0]) = $2`, b.table, cfg.Key[0])
-		if err != nil {
-			return fmt.Errorf("pgetl: batch: unique indexes of %s: %w", cfg.Table, err)
-		}
-		names, err := pgx.CollectRows(rows, pgx.RowTo[string])
-		if err != nil {
-			return fmt.Errorf("pgetl: batch: unique indexes of %s: %w", cfg.Table, err)
-		}
-		b.keyIndexes = map[string]bool{}
-		for _, n := range names {
-			b.keyIndexes[n] = true
-		}
-	}
-	// EXPLAIN plans the merge without running it: it checks that a unique index
-	// matches Key now rather than at the first flush.
-	if _, err := conn.Exec(ctx, "BEGIN; "+b.sql.stageStmt+" EXPLAIN (COSTS OFF) "+merge+"; ROLLBACK"); err != nil {
-		_, _ = conn.Exec(ctx, "ROLLBACK")
-		return fmt.Errorf("pgetl: batch upsert on %s key (%s): %w", cfg.Table, strings.Join(cfg.Key, ", "), err)
-	}
-	return nil
-}
-
-func indexOf(xs []string, x string) int {
-	for i, y := range xs {
-		if y == x {
-			return i
-		}
-	}
-	return -1
-}
-
 // Add buffers one row. cursor is the row's position in the source (page token, file
 // offset, last id): the checkpoint's cursor after the row's batch commits, so a job
 // restarted after a crash skips rows up to it. values are in the order of
@@ -530,79 +388,6 @@ func (b *BatchSession) column(i int) string {
 		return fmt.Sprintf("$%d", i+1)
 	}
 	return ""
-}
-
-var copyHeader = []byte("PGCOPY\n\xff\r\n\x00\x00\x00\x00\x00\x00\x00\x00\x00")
-var copyTrailer = []byte{0xff, 0xff}
-
-// encode appends values as one binary COPY tuple to bt. On error it leaves bt as it
-// was and returns the index of the failing column. Caller must hold mu.
-func (b *BatchSession) encode(bt *batch, values []any) (int, error) {
-	start := len(bt.buf)
-	buf := binary.BigEndian.AppendUint16(bt.buf, uint16(len(values)))
-	var key []byte
-	nullKey := false
-	for i, v := range values {
-		sp := len(buf)
-		buf = append(buf, 0, 0, 0, 0)
-		out, err := b.encodeValue(b.oids[i], v, buf)
-		if err != nil {
-			bt.buf = buf[:start]
-			return i, fmt.Errorf("pgetl: encode %T for column %q: %w", v, b.cfg.Columns[i], err)
-		}
-		if out == nil {
-			buf = binary.BigEndian.AppendUint32(buf[:sp], 0xffffffff)
-		} else {
-			buf = out
-			binary.BigEndian.PutUint32(buf[sp:], uint32(len(buf)-sp-4))
-		}
-		if b.keyIx != nil && indexOfInt(b.keyIx, i) >= 0 {
-			if out == nil {
-				nullKey = true
-			}
-			key = append(key, buf[sp:]...)
-		}
-	}
-	bt.buf = buf
-	bt.offs = append(bt.offs, int32(start))
-	if b.keyIx != nil {
-		if nullKey {
-			// A key with a NULL never conflicts, so it is never merged with another
-			// row: "" marks it (a real key holds at least a length prefix).
-			key = key[:0]
-		}
-		bt.keys = append(bt.keys, string(key))
-	}
-	return -1, nil
-}
-
-// encodeValue appends v in the binary format of type oid to buf (nil for NULL). A
-// string that the type's binary encoder does not take is parsed in the type's text
-// format and the result encoded, as pgx's CopyFrom does, so "12.34" goes into a
-// numeric column.
-func (b *BatchSession) encodeValue(oid uint32, v any, buf []byte) ([]byte, error) {
-	out, err := b.m.Encode(oid, pgtype.BinaryFormatCode, v, buf)
-	if err == nil {
-		return out, nil
-	}
-	s, ok := v.(string)
-	if !ok {
-		return nil, err
-	}
-	var x any
-	if err := b.m.Scan(oid, pgtype.TextFormatCode, []byte(s), &x); err != nil {
-		return nil, err
-	}
-	return b.m.Encode(oid, pgtype.BinaryFormatCode, x, buf)
-}
-
-func indexOfInt(xs []int, x int) int {
-	for i, y := range xs {
-		if y == x {
-			return i
-		}
-	}
-	return -1
 }
 
 // Flush commits the buffered rows and waits until every batch handed off before it

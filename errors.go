@@ -1,15 +1,10 @@
 package pgetl
 
 import (
-	"context"
 	"errors"
 	"fmt"
-	"io"
-	"net"
 	"strings"
-	"syscall"
 
-	"github.com/jackc/pgerrcode"
 	"github.com/jackc/pgx/v5/pgconn"
 )
 
@@ -150,76 +145,6 @@ func (e *BatchError) Error() string {
 
 // Unwrap returns the cause.
 func (e *BatchError) Unwrap() error { return e.Err }
-
-// IsTransient reports whether err is worth retrying on a fresh connection: a lost or
-// refused connection, a server shutting down or starting (57P01, 57P02, 57P03), an
-// idle-session or idle-in-transaction timeout (57P05, 25P03), class 08, a
-// serialization failure or deadlock (40001, 40P01), a lock not available (55P03), too
-// many connections (53300), or a read-only transaction after a failover (25006).
-// Data errors (classes 22 and 23) and cancellation by the caller's context are not.
-// It never looks at message text.
-func IsTransient(err error) bool {
-	if err == nil {
-		return false
-	}
-	if errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
-		// A deadline inside pgconn on a live connection is reported as a timeout; the
-		// caller's own context is checked before IsTransient is consulted.
-		return false
-	}
-	var pgErr *pgconn.PgError
-	if errors.As(err, &pgErr) {
-		return transientCode(pgErr.Code)
-	}
-	var connectErr *pgconn.ConnectError
-	if errors.As(err, &connectErr) {
-		return true
-	}
-	if pgconn.Timeout(err) {
-		return true
-	}
-	var netErr net.Error
-	if errors.As(err, &netErr) {
-		return true
-	}
-	if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, net.ErrClosed) ||
-		errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.ECONNREFUSED) ||
-		errors.Is(err, syscall.EPIPE) || errors.Is(err, syscall.ETIMEDOUT) {
-		return true
-	}
-	// pgconn reports a connection it closed itself ("conn closed") without a typed
-	// cause; SafeToRetry marks errors raised before anything was sent.
-	return pgconn.SafeToRetry(err) || isConnClosed(err)
-}
-
-// isConnClosed reports the remaining errors of pgconn's transport layer: pgconn
-// exposes no sentinel for a connection it had already marked closed ("conn
-// closed"), but every error it raises around sending and receiving implements
-// SafeToRetry (whatever it returns), while server errors are *PgError (handled
-// above). So any such error counts as a lost connection: transient.
-func isConnClosed(err error) bool {
-	var c interface{ SafeToRetry() bool }
-	return errors.As(err, &c)
-}
-
-func transientCode(code string) bool {
-	switch code {
-	case pgerrcode.AdminShutdown, pgerrcode.CrashShutdown, pgerrcode.CannotConnectNow,
-		pgerrcode.IdleInTransactionSessionTimeout, pgerrcode.IdleSessionTimeout,
-		pgerrcode.SerializationFailure, pgerrcode.DeadlockDetected,
-		pgerrcode.LockNotAvailable, pgerrcode.TooManyConnections,
-		pgerrcode.ReadOnlySQLTransaction:
-		return true
-	}
-	return pgerrcode.IsConnectionException(code)
-}
-
-// isDataError reports a SQLSTATE for bad input data: class 22 (data exception), class
-// 23 (integrity constraint violation) and 42804 (datatype mismatch).
-func isDataError(code string) bool {
-	return pgerrcode.IsDataException(code) || pgerrcode.IsIntegrityConstraintViolation(code) ||
-		code == pgerrcode.DatatypeMismatch
-}
 
 func pgErrorOf(err error) *pgconn.PgError {
 	var pgErr *pgconn.PgError

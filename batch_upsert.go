@@ -1,0 +1,238 @@
+package pgetl
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+)
+
+// tableIdent quotes a possibly schema-qualified table name ("sales.orders"); a name
+// that holds a double quote is taken as already quoted SQL (pgx.Identifier's
+// Sanitize), for names that contain dots or capitals.
+func tableIdent(name string) string {
+	if strings.Contains(name, `"`) {
+		return name
+	}
+	return pgx.Identifier(strings.Split(name, ".")).Sanitize()
+}
+
+// describe resolves the column types (one round trip, unnamed statement, so it
+// works behind PgBouncer) and checks the merge statement of an upsert.
+func (b *BatchSession) describe(ctx context.Context) error {
+	cfg := &b.cfg
+	conn, err := b.s.pool.Acquire(ctx)
+	if err != nil {
+		return fmt.Errorf("pgetl: batch: %w", err)
+	}
+	defer conn.Release()
+	pgc := conn.Conn().PgConn()
+	if cfg.SQL != "" {
+		sd, err := pgc.Prepare(ctx, "", cfg.SQL, nil)
+		if err != nil {
+			return fmt.Errorf("pgetl: batch statement %q: %w", cfg.SQL, err)
+		}
+		b.oids = sd.ParamOIDs
+		return nil
+	}
+	quoted := make([]string, len(cfg.Columns))
+	for i, c := range cfg.Columns {
+		quoted[i] = pgx.Identifier{c}.Sanitize()
+	}
+	b.table, b.cols = tableIdent(cfg.Table), strings.Join(quoted, ", ")
+	sd, err := pgc.Prepare(ctx, "", "SELECT "+b.cols+" FROM "+b.table, nil)
+	if err != nil {
+		return fmt.Errorf("pgetl: batch target %s (%s): %w", cfg.Table, strings.Join(cfg.Columns, ", "), err)
+	}
+	for _, f := range sd.Fields {
+		if _, ok := b.m.TypeForOID(f.DataTypeOID); !ok {
+			var name string
+			if err := conn.QueryRow(ctx, "SELECT format_type($1::oid, NULL)", f.DataTypeOID).Scan(&name); err != nil {
+				return fmt.Errorf("pgetl: batch: type of column %s: %w", f.Name, err)
+			}
+			t, err := conn.Conn().LoadType(ctx, name)
+			if err != nil {
+				return fmt.Errorf("pgetl: batch: type %s of column %s: %w", name, f.Name, err)
+			}
+			b.m.RegisterType(t)
+		}
+		b.oids = append(b.oids, f.DataTypeOID)
+	}
+	b.sql.copyStmt = "COPY " + b.table + " (" + b.cols + ") FROM STDIN (FORMAT binary);"
+	if len(cfg.Key) == 0 {
+		return nil
+	}
+	isKey := map[string]bool{}
+	for _, k := range cfg.Key {
+		i := indexOf(cfg.Columns, k)
+		if i < 0 {
+			return fmt.Errorf("pgetl: batch: key column %q is not in Columns", k)
+		}
+		b.keyIx = append(b.keyIx, i)
+		isKey[k] = true
+	}
+	var set, cmpT, cmpS []string
+	for i, c := range cfg.Columns {
+		if !isKey[c] {
+			set = append(set, quoted[i]+" = EXCLUDED."+quoted[i])
+			cmpT = append(cmpT, "t."+quoted[i])
+			cmpS = append(cmpS, "EXCLUDED."+quoted[i])
+		}
+	}
+	keys := make([]string, len(cfg.Key))
+	for i, k := range cfg.Key {
+		keys[i] = pgx.Identifier{k}.Sanitize()
+	}
+	merge := "INSERT INTO " + b.table + " AS t (" + b.cols + ") SELECT " + b.cols + " FROM pgetl_stage ON CONFLICT (" + strings.Join(keys, ", ") + ")"
+	if len(set) == 0 {
+		merge += " DO NOTHING"
+	} else {
+		merge += " DO UPDATE SET " + strings.Join(set, ", ")
+		if cfg.OnlyChanged {
+			merge += " WHERE (" + strings.Join(cmpT, ", ") + ") IS DISTINCT FROM (" + strings.Join(cmpS, ", ") + ")"
+		}
+	}
+	b.sql.stageStmt = "CREATE TEMP TABLE pgetl_stage ON COMMIT DROP AS SELECT " + b.cols + " FROM " + b.table + " WITH NO DATA;"
+	b.sql.copyStmt = "COPY pgetl_stage (" + b.cols + ") FROM STDIN (FORMAT binary);"
+	b.sql.merge = merge + ";"
+	if cfg.KeyCache != nil {
+		if len(cfg.Key) != 1 {
+			return errors.New("pgetl: BatchConfig.KeyCache needs a single-column Key")
+		}
+		if cfg.OnlyChanged || len(set) == 0 {
+			return errors.New("pgetl: BatchConfig.KeyCache cannot be combined with OnlyChanged or a Key that is all the Columns")
+		}
+		k := keys[0]
+		var upd []string
+		for _, c := range set {
+			upd = append(upd, strings.Replace(c, "EXCLUDED.", "s.", 1))
+		}
+		// Nested loops over the key's index: a hash join would read the whole table
+		// for every batch. expect_rows fails the batch (PGK01) if a key the cache
+		// holds is missing from the table, and the batch is then retried as a merge.
+		b.sql.update = "SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off; WITH u AS (UPDATE " + b.table +
+			" AS t SET " + strings.Join(upd, ", ") + " FROM pgetl_stage s WHERE t." + k + " = s." + k + " RETURNING 1) SELECT " +
+			b.s.schema + ".expect_rows((SELECT count(*) FROM u), "
+		b.sql.copyNew = "COPY " + b.table + " (" + b.cols + ") FROM STDIN (FORMAT binary);"
+		rows, err := conn.Query(ctx, `SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+			WHERE i.indrelid = $1::regclass AND i.indisunique AND i.indnatts = 1
+			AND (SELECT attname FROM pg_attribute WHERE attrelid = i.indrelid AND attnum = i.indkey[0]) = $2`, b.table, cfg.Key[0])
+		if err != nil {
+			return fmt.Errorf("pgetl: batch: unique indexes of %s: %w", cfg.Table, err)
+		}
+		names, err := pgx.CollectRows(rows, pgx.RowTo[string])
+		if err != nil {
+			return fmt.Errorf("pgetl: batch: unique indexes of %s: %w", cfg.Table, err)
+		}
+		b.keyIndexes = map[string]bool{}
+		for _, n := range names {
+			b.keyIndexes[n] = true
+		}
+	}
+	// EXPLAIN plans the merge without running it: it checks that a unique index
+	// matches Key now rather than at the first flush.
+	if _, err := conn.Exec(ctx, "BEGIN; "+b.sql.stageStmt+" EXPLAIN (COSTS OFF) "+merge+"; ROLLBACK"); err != nil {
+		_, _ = conn.Exec(ctx, "ROLLBACK")
+		return fmt.Errorf("pgetl: batch upsert on %s key (%s): %w", cfg.Table, strings.Join(cfg.Key, ", "), err)
+	}
+	return nil
+}
+
+func indexOf(xs []string, x string) int {
+	for i, y := range xs {
+		if y == x {
+			return i
+		}
+	}
+	return -1
+}
+
+// selectRows returns the rows of bt to send, in the order they were added, leaving
+// out those skip names. For an upsert, a row whose key appears again later among the
+// rows sent is left out too (the last one wins) and counted in merged; a key holding
+// a NULL never merges (NULLs never conflict).
+func (b *BatchSession) selectRows(bt *batch, skip func(int) bool) (sel []int, merged int64) {
+	sel = make([]int, 0, bt.rows())
+	if b.keyIx == nil {
+		for i := range bt.rows() {
+			if !skip(i) {
+				sel = append(sel, i)
+			}
+		}
+		return sel, 0
+	}
+	last := make(map[string]int, bt.rows())
+	for i, k := range bt.keys {
+		if k != "" && !skip(i) {
+			last[k] = i
+		}
+	}
+	for i, k := range bt.keys {
+		switch {
+		case skip(i):
+		case k == "" || last[k] == i:
+			sel = append(sel, i)
+		default:
+			merged++
+		}
+	}
+	return sel, merged
+}
+
+// knownFirst orders sel with the rows whose key the key cache holds first (they are
+// updated), the new ones after (they are inserted), each group in batch order.
+func (b *BatchSession) knownFirst(bt *batch, sel []int) []int {
+	if b.cfg.KeyCache == nil || bt.stale {
+		return sel
+	}
+	out := make([]int, 0, len(sel))
+	for _, i := range sel {
+		if bt.known[i] {
+			out = append(out, i)
+		}
+	}
+	for _, i := range sel {
+		if !bt.known[i] {
+			out = append(out, i)
+		}
+	}
+	return out
+}
+
+// staleKey reports whether the key cache was wrong for this batch: a row sent as
+// new failed on the key's unique index (another writer inserted it, or the cache was
+// not preloaded), or fewer rows were updated than the cache knew (PGK01: a key was
+// deleted elsewhere). The batch is then retried as a merge (INSERT … ON CONFLICT),
+// which is right whatever the cache says: a stale cache costs one retry.
+func (b *BatchSession) staleKey(bt *batch, pg *pgconn.PgError) bool {
+	if b.cfg.KeyCache == nil || bt.stale {
+		return false
+	}
+	if pg.Code != codeRowsMismatch && (pg.Code != "23505" || !b.keyIndexes[pg.ConstraintName]) {
+		return false
+	}
+	bt.stale = true
+	b.s.count("stale_key")
+	return true
+}
+
+// publishKeys adds the keys of a committed batch that the key cache lacked (the
+// inserted ones, and existing ones it did not know) to it.
+func (b *BatchSession) publishKeys(bt *batch, sel []int) {
+	kc := b.cfg.KeyCache
+	if kc == nil {
+		return
+	}
+	var keys []any
+	for _, i := range sel {
+		if k := bt.keyVals[i]; !kc.HasKey(k) {
+			keys = append(keys, k)
+		}
+	}
+	if len(keys) > 0 {
+		b.cfg.KeyCache.AddKeys(keys)
+	}
+}
