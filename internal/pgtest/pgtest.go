@@ -62,7 +62,6 @@ func ignoreLeaks() []goleak.Option {
 	return []goleak.Option{
 		// testcontainers' reaper and docker client keep background goroutines.
 		goleak.IgnoreTopFunction("github.com/testcontainers/testcontainers-go.(*Reaper).connect.func1"),
-		goleak.IgnoreTopFunction("internal/poll.runtime_pollWait"),
 	}
 }
 
