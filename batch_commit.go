@@ -110,8 +110,8 @@ func (b *BatchSession) committed(seq int64, cursor *string, rows int64, rejects 
 
 // attempt makes one attempt to commit rows sel of bt (with rejects and the
 // checkpoint at cursor) on a fresh connection, in one round trip: one simple-query
-// message holding BEGIN, the guards, the COPY, the merge, the rejects, the
-// checkpoint and COMMIT, with the COPY data right behind it. With probe, it instead
+// message holding BEGIN, the guards, the checkpoint's fence (advanceSQL), the COPY,
+// the merge, the rejects and COMMIT, with the COPY data right behind it. With probe, it instead
 // runs the rows in a transaction that is rolled back, to test them.
 func (b *BatchSession) attempt(ctx context.Context, seq int64, n int, bt *batch, sel []int, rows int64, rejects []Reject, cursor *string, probe bool) (commitOutcome, int64, error) {
 	s := b.s
@@ -139,6 +139,10 @@ func (b *BatchSession) attempt(ctx context.Context, seq int64, n int, bt *batch,
 	q.WriteString(s.guardSQL(seq))
 	if probe {
 		q.WriteString("SET CONSTRAINTS ALL IMMEDIATE;")
+	} else if !s.cfg.skipCheckpoint {
+		// The fence first: a replay of a committed batch stops here (PGF02), before
+		// its rows could hit a unique key.
+		q.WriteString(s.advanceSQL(seq, cursor, rows, int64(len(rejects))))
 	}
 	q.WriteString(b.sql.stageStmt)
 	// With a key cache, sel holds the known keys first (staged, then one UPDATE …
@@ -170,9 +174,6 @@ func (b *BatchSession) attempt(ctx context.Context, seq int64, n int, bt *batch,
 		q.WriteString("ROLLBACK")
 	} else {
 		q.WriteString(b.rejectSQL(seq, rejects))
-		if !s.cfg.skipCheckpoint {
-			q.WriteString(s.advanceSQL(seq, cursor, rows, int64(len(rejects))))
-		}
 		q.WriteString("COMMIT")
 	}
 	tag, done, err := sendBatch(ctx, pgc, q.String(), copies)
@@ -242,6 +243,9 @@ func (b *BatchSession) statementAttempt(ctx context.Context, conn *pgx.Conn, seq
 	for _, stmt := range s.guardStmts(seq) {
 		batch.Queue(stmt)
 	}
+	if !probe {
+		batch.Queue(strings.TrimSuffix(s.advanceSQL(seq, cursor, rows, int64(len(rejects))), ";")) // the fence first
+	}
 	first := batch.Len()
 	for _, i := range sel {
 		batch.Queue(b.cfg.SQL, bt.vals[i]...)
@@ -252,7 +256,6 @@ func (b *BatchSession) statementAttempt(ctx context.Context, conn *pgx.Conn, seq
 		if r := b.rejectSQL(seq, rejects); r != "" {
 			batch.Queue(strings.TrimSuffix(r, ";"))
 		}
-		batch.Queue(strings.TrimSuffix(s.advanceSQL(seq, cursor, rows, int64(len(rejects))), ";"))
 		batch.Queue("COMMIT")
 	}
 	br := conn.SendBatch(ctx, batch)

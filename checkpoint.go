@@ -6,6 +6,8 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"strconv"
+	"strings"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -29,10 +31,46 @@ func newToken() string {
 	return hex.EncodeToString(b[:])
 }
 
-// setup creates the checkpoint schema, tables and function if missing.
+// schemaVersion is the version of the checkpoint schema objects (tables and
+// functions) this code needs. It is recorded as the comment of the advance function;
+// setup migrates older objects in place (idempotent DDL under an advisory lock), so a
+// schema made by an older pgetl is upgraded rather than used as it is.
+//
+// Version 2: the claim is one function call (one round trip); the reject table names
+// the table a rejected row was meant for.
+const schemaVersion = 2
+
+// schemaMarker is the comment of the advance function that marks schemaVersion.
+var schemaMarker = "pgetl schema " + strconv.Itoa(schemaVersion)
+
+// setup creates the checkpoint schema, tables and functions if missing, or migrates
+// them from an older version, in one round trip when they are current.
 func (s *Session) setup(ctx context.Context) error {
 	sch := s.schema
-	ddl := `SELECT pg_advisory_xact_lock(hashtext('pgetl.setup'));
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	// Skip the DDL when everything is current, so a role without CREATE can run jobs
+	// once the objects were made.
+	var marker string
+	err := s.pool.QueryRow(ctx, `SELECT CASE WHEN to_regclass($1) IS NOT NULL AND to_regclass($2) IS NOT NULL
+		THEN coalesce(obj_description(to_regprocedure($3), 'pg_proc'), '') ELSE '' END`,
+		sch+".checkpoint", sch+".reject", sch+".advance(text,text,bigint,text,bigint,bigint,interval)").Scan(&marker)
+	if err != nil {
+		return fmt.Errorf("pgetl: set up checkpoint table in schema %s: %w", sch, err)
+	}
+	if marker == schemaMarker {
+		return nil
+	}
+	if _, err := s.pool.Exec(ctx, "BEGIN;"+checkpointDDL(sch)+"COMMIT"); err != nil {
+		return fmt.Errorf("pgetl: set up checkpoint table in schema %s (found %q, need %q): %w", sch, marker, schemaMarker, err)
+	}
+	return nil
+}
+
+// checkpointDDL creates or migrates the checkpoint objects in schema sch (quoted) to
+// schemaVersion. Every statement is idempotent.
+func checkpointDDL(sch string) string {
+	return `SELECT pg_advisory_xact_lock(hashtext('pgetl.setup'));
 CREATE SCHEMA IF NOT EXISTS ` + sch + `;
 CREATE TABLE IF NOT EXISTS ` + sch + `.checkpoint (
 	job         text PRIMARY KEY,
@@ -58,6 +96,7 @@ CREATE TABLE IF NOT EXISTS ` + sch + `.reject (
 	created_at      timestamptz NOT NULL DEFAULT now(),
 	PRIMARY KEY (job, seq, row_index)
 );
+ALTER TABLE ` + sch + `.reject ADD COLUMN IF NOT EXISTS table_name text;
 CREATE OR REPLACE FUNCTION ` + sch + `.advance(p_job text, p_owner text, p_seq bigint, p_cursor text,
 	p_rows bigint, p_rejects bigint, p_lease interval) RETURNS void LANGUAGE plpgsql AS $pgetl$
 DECLARE
@@ -80,89 +119,113 @@ BEGIN
 	RAISE EXCEPTION 'pgetl: job % checkpoint at batch %, cannot advance to %', p_job, cur_seq, p_seq USING ERRCODE = 'PGF03';
 END
 $pgetl$;
+CREATE OR REPLACE FUNCTION ` + sch + `.claim(p_job text, p_owner text, p_lease interval, p_takeover bool, p_restart bool)
+	RETURNS TABLE (seq bigint, cursor text, rows bigint, rejects bigint, updated_at timestamptz, finished bool, prev_owner text)
+	LANGUAGE plpgsql AS $pgetl$
+DECLARE
+	c ` + sch + `.checkpoint;
+BEGIN
+	INSERT INTO ` + sch + `.checkpoint AS t (job) VALUES (p_job) ON CONFLICT (job) DO NOTHING;
+	SELECT * INTO c FROM ` + sch + `.checkpoint t WHERE t.job = p_job FOR UPDATE;
+	IF c.owner IS NOT NULL AND coalesce(c.lease_until > now(), false) AND NOT p_takeover THEN
+		RAISE EXCEPTION 'pgetl: job % is claimed by owner % (lease until %)', p_job, c.owner, c.lease_until USING ERRCODE = 'PGF04';
+	END IF;
+	IF c.finished_at IS NOT NULL AND NOT p_restart THEN
+		RAISE EXCEPTION 'pgetl: job % is finished', p_job USING ERRCODE = 'PGF05';
+	END IF;
+	IF p_restart THEN
+		UPDATE ` + sch + `.checkpoint t SET owner = p_owner, lease_until = now() + p_lease, cursor = NULL, rows = 0, rejects = 0,
+			finished_at = NULL WHERE t.job = p_job;
+		RETURN QUERY SELECT c.seq, NULL::text, 0::bigint, 0::bigint, c.updated_at, false, c.owner;
+	ELSE
+		UPDATE ` + sch + `.checkpoint t SET owner = p_owner, lease_until = now() + p_lease WHERE t.job = p_job;
+		RETURN QUERY SELECT c.seq, c.cursor, c.rows, c.rejects, c.updated_at, c.finished_at IS NOT NULL, c.owner;
+	END IF;
+END
+$pgetl$;
 CREATE OR REPLACE FUNCTION ` + sch + `.expect_rows(p_got bigint, p_want bigint) RETURNS void LANGUAGE plpgsql AS $pgetl$
 BEGIN
 	IF p_got <> p_want THEN
 		RAISE EXCEPTION 'pgetl: % rows matched, % expected', p_got, p_want USING ERRCODE = 'PGK01';
 	END IF;
 END
-$pgetl$;`
-	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
-	defer cancel()
-	conn, err := s.pool.Acquire(ctx)
-	if err != nil {
-		return fmt.Errorf("pgetl: set up checkpoint table: %w", err)
-	}
-	defer conn.Release()
-	// Skip the DDL when everything exists, so a role without CREATE can run jobs
-	// once the tables were made.
-	var ready bool
-	err = conn.QueryRow(ctx, `SELECT to_regclass($1) IS NOT NULL AND to_regclass($2) IS NOT NULL
-		AND to_regprocedure($3) IS NOT NULL AND to_regprocedure($4) IS NOT NULL`, sch+".checkpoint", sch+".reject",
-		sch+".advance(text,text,bigint,text,bigint,bigint,interval)", sch+".expect_rows(bigint,bigint)").Scan(&ready)
-	if err != nil {
-		return fmt.Errorf("pgetl: set up checkpoint table in schema %s: %w", sch, err)
-	}
-	if ready {
-		return nil
-	}
-	if _, err := conn.Exec(ctx, "BEGIN;"+ddl+"COMMIT"); err != nil {
-		return fmt.Errorf("pgetl: set up checkpoint table in schema %s: %w", sch, err)
-	}
-	return nil
+$pgetl$;
+COMMENT ON FUNCTION ` + sch + `.advance(text,text,bigint,text,bigint,bigint,interval) IS ` + quoteLiteral(schemaMarker) + `;
+`
 }
 
-// SQLSTATEs raised by the checkpoint's advance function.
+// SQLSTATEs raised by the checkpoint's functions.
 const (
-	codeFenced           = "PGF01"
-	codeAlreadyCommitted = "PGF02"
-	codeCheckpointGap    = "PGF03"
+	codeFenced           = "PGF01" // advance: another session owns the job
+	codeAlreadyCommitted = "PGF02" // advance: the checkpoint is at or past this batch
+	codeCheckpointGap    = "PGF03" // advance: the checkpoint is behind the batch before this one
+	codeClaimed          = "PGF04" // claim: another session's lease is live
+	codeFinished         = "PGF05" // claim: the job is finished
 	codeRowsMismatch     = "PGK01" // expect_rows: an upsert's key cache was stale
 )
 
+// claim takes the job for this session, in one round trip (the claim function).
 func (s *Session) claim(ctx context.Context) error {
 	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
-	return pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
-		if _, err := tx.Exec(ctx, `INSERT INTO `+s.schema+`.checkpoint (job) VALUES ($1) ON CONFLICT (job) DO NOTHING`, s.cfg.Job); err != nil {
-			return fmt.Errorf("pgetl: claim job %q: %w", s.cfg.Job, err)
-		}
-		var (
-			owner    *string
-			live     bool
-			finished bool
-			cp       = Checkpoint{Job: s.cfg.Job}
-			cursor   *string
-		)
-		err := tx.QueryRow(ctx, `SELECT owner, coalesce(lease_until > now(), false), finished_at IS NOT NULL,
-			seq, cursor, rows, rejects, updated_at FROM `+s.schema+`.checkpoint WHERE job = $1 FOR UPDATE`, s.cfg.Job).
-			Scan(&owner, &live, &finished, &cp.Seq, &cursor, &cp.Rows, &cp.Rejects, &cp.UpdatedAt)
-		if err != nil {
-			return fmt.Errorf("pgetl: claim job %q: %w", s.cfg.Job, err)
-		}
-		if owner != nil && live && !s.cfg.Takeover {
-			return fmt.Errorf("%w: job %q (lease held by owner %s; wait for it to expire or set Takeover)", ErrJobClaimed, s.cfg.Job, *owner)
-		}
-		if finished && !s.cfg.Restart {
+	cp := Checkpoint{Job: s.cfg.Job}
+	var cursor, prev *string
+	err := s.pool.QueryRow(ctx, `SELECT seq, cursor, rows, rejects, updated_at, finished, prev_owner FROM `+s.schema+
+		`.claim($1, $2, $3::interval, $4, $5)`, s.cfg.Job, s.owner, s.cfg.Lease, s.cfg.Takeover, s.cfg.Restart).
+		Scan(&cp.Seq, &cursor, &cp.Rows, &cp.Rejects, &cp.UpdatedAt, &cp.Finished, &prev)
+	if pg := pgErrorOf(err); pg != nil {
+		switch pg.Code {
+		case codeClaimed:
+			return fmt.Errorf("%w: job %q (%s; wait for the lease to expire or set Takeover)", ErrJobClaimed, s.cfg.Job, strings.TrimPrefix(pg.Message, "pgetl: "))
+		case codeFinished:
 			return fmt.Errorf("%w: job %q (set Restart to run it again)", ErrJobFinished, s.cfg.Job)
 		}
-		reset := ""
-		if s.cfg.Restart {
-			reset = ", cursor = NULL, rows = 0, rejects = 0, finished_at = NULL"
-			cursor, cp.Rows, cp.Rejects, finished = nil, 0, 0, false
-		}
-		if _, err := tx.Exec(ctx, `UPDATE `+s.schema+`.checkpoint SET owner = $2, lease_until = now() + $3::interval`+reset+`
-			WHERE job = $1`, s.cfg.Job, s.owner, s.cfg.Lease); err != nil {
-			return fmt.Errorf("pgetl: claim job %q: %w", s.cfg.Job, err)
-		}
-		if cursor != nil {
-			cp.Cursor = *cursor
-		}
-		cp.Finished = finished
-		s.cp = cp
-		s.nextRow.Store(cp.Rows + cp.Rejects)
-		return nil
-	})
+	}
+	if err != nil {
+		return fmt.Errorf("pgetl: claim job %q: %w", s.cfg.Job, err)
+	}
+	if cursor != nil {
+		cp.Cursor = *cursor
+	}
+	s.cp = cp
+	s.nextRow.Store(cp.Rows + cp.Rejects)
+	return nil
+}
+
+// checkpointRow is the checkpoint row of a job as the database holds it.
+type checkpointRow struct {
+	Checkpoint
+	Owner string // "" when no session holds the job
+	Found bool   // whether the job has a row
+}
+
+// readCheckpoint is the one reader of a job's checkpoint row. With lock, it reads
+// FOR UPDATE, which waits for a transaction still holding the row (a batch in flight
+// or an abandoned one being ended), so the answer is final.
+func readCheckpoint(ctx context.Context, db interface {
+	QueryRow(context.Context, string, ...any) pgx.Row
+}, schema, job string, lock bool) (checkpointRow, error) {
+	row := checkpointRow{Checkpoint: Checkpoint{Job: job}}
+	q := `SELECT seq, cursor, rows, rejects, updated_at, finished_at IS NOT NULL, owner FROM ` + schema + `.checkpoint WHERE job = $1`
+	if lock {
+		q += " FOR UPDATE"
+	}
+	var cursor, owner *string
+	err := db.QueryRow(ctx, q, job).Scan(&row.Seq, &cursor, &row.Rows, &row.Rejects, &row.UpdatedAt, &row.Finished, &owner)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return row, nil
+	}
+	if err != nil {
+		return row, fmt.Errorf("pgetl: read checkpoint of job %q: %w", job, err)
+	}
+	row.Found = true
+	if cursor != nil {
+		row.Cursor = *cursor
+	}
+	if owner != nil {
+		row.Owner = *owner
+	}
+	return row, nil
 }
 
 // renew extends the lease every Lease/3 until Close.
@@ -196,15 +259,38 @@ func (s *Session) renew() {
 // Checkpoint returns where the job stands: the checkpoint as of the claim, advanced
 // by every batch this session committed since. A job resumes by skipping source rows
 // up to and including Checkpoint().Cursor.
+//
+// It never reports a position behind what committed: after a commit whose outcome
+// the session could not learn, it reads the checkpoint from the database (waiting
+// for the row's lock), and if the database cannot be read it returns an error
+// wrapping ErrInDoubt rather than a cursor that may be stale. If the database lost
+// committed batches, it returns the *CheckpointLostError.
 func (s *Session) Checkpoint(ctx context.Context) (Checkpoint, error) {
 	if err := ctx.Err(); err != nil {
 		return Checkpoint{}, err
 	}
 	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.closed {
+	closed, resync, lost, cp := s.closed, s.resync, s.lost, s.cp
+	s.mu.Unlock()
+	switch {
+	case closed:
 		return Checkpoint{}, ErrClosed
+	case lost != nil:
+		return Checkpoint{}, lost
+	case !resync:
+		return cp, nil
 	}
+	s.commitMu.Lock()
+	err := s.sync(ctx)
+	s.commitMu.Unlock()
+	if err != nil {
+		if errors.Is(err, ErrFenced) || errors.Is(err, ErrCheckpointLost) {
+			return Checkpoint{}, err
+		}
+		return Checkpoint{}, &InDoubtError{Job: s.cfg.Job, Seq: cp.Seq + 1, Err: err}
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
 	return s.cp, nil
 }
 
@@ -216,21 +302,8 @@ func ReadCheckpoint(ctx context.Context, db interface {
 	if schema == "" {
 		schema = CheckpointSchemaDefault
 	}
-	cp := Checkpoint{Job: job}
-	var cursor *string
-	err := db.QueryRow(ctx, `SELECT seq, cursor, rows, rejects, updated_at, finished_at IS NOT NULL FROM `+
-		pgx.Identifier{schema}.Sanitize()+`.checkpoint WHERE job = $1`, job).
-		Scan(&cp.Seq, &cursor, &cp.Rows, &cp.Rejects, &cp.UpdatedAt, &cp.Finished)
-	if errors.Is(err, pgx.ErrNoRows) {
-		return cp, nil
-	}
-	if err != nil {
-		return cp, fmt.Errorf("pgetl: read checkpoint of job %q: %w", job, err)
-	}
-	if cursor != nil {
-		cp.Cursor = *cursor
-	}
-	return cp, nil
+	row, err := readCheckpoint(ctx, db, pgx.Identifier{schema}.Sanitize(), job, false)
+	return row.Checkpoint, err
 }
 
 // Finish marks the job finished: a later NewSession for it returns ErrJobFinished
@@ -256,10 +329,16 @@ func (s *Session) Finish(ctx context.Context) error {
 	return nil
 }
 
-// advanceSQL returns the statement that advances the checkpoint to seq inside the
-// batch's transaction. It fails (PGF01/02/03) unless this session owns the job and
-// the checkpoint stands at seq-1, which fences out a second writer and makes a replay
-// of an already committed batch fail instead of duplicating it.
+// advanceSQL returns the statement that advances the checkpoint to seq: the fence of
+// a unit of work. It is the first statement of the transaction after the guards,
+// before any data: it fails (PGF01/02/03) unless this session owns the job and the
+// checkpoint stands at seq-1, so a replay of a batch that did commit is recognised
+// as committed (PGF02) without touching the data (no unique violation blaming a good
+// row, no Tx function run twice), and a second writer is fenced out before it writes.
+// The row lock it takes also orders units of work that run on several connections:
+// one that reaches its fence waits until the one before it commits or rolls back.
+// Its counts are those the transaction will commit; adjustSQL corrects them when the
+// transaction learns more (rows isolated as rejects inside it).
 func (s *Session) advanceSQL(seq int64, cursor *string, rows, rejects int64) string {
 	c := "NULL"
 	if cursor != nil {
@@ -269,8 +348,21 @@ func (s *Session) advanceSQL(seq int64, cursor *string, rows, rejects int64) str
 		s.schema, quoteLiteral(s.cfg.Job), quoteLiteral(s.owner), seq, c, rows, rejects, s.cfg.Lease.Milliseconds())
 }
 
-// sync re-reads the checkpoint's sequence after an in-doubt commit that the caller
-// abandoned, so the next unit of work gets the right sequence. Caller must hold
+// adjustSQL returns the statement that corrects the counts and cursor recorded by
+// advanceSQL(seq, …) later in the same transaction (the row is already locked by
+// it).
+func (s *Session) adjustSQL(seq int64, cursor *string, rows, rejects int64) string {
+	c := "cursor"
+	if cursor != nil {
+		c = quoteLiteral(*cursor)
+	}
+	return fmt.Sprintf("UPDATE %s.checkpoint SET cursor = %s, rows = rows + %d, rejects = rejects + %d WHERE job = %s AND owner = %s AND seq = %d;",
+		s.schema, c, rows, rejects, quoteLiteral(s.cfg.Job), quoteLiteral(s.owner), seq)
+}
+
+// sync re-reads the checkpoint after a commit whose outcome the session does not
+// know (abandoned by its caller, or not resolvable at the time), so the next unit of
+// work gets the right sequence and Checkpoint the right cursor. Caller must hold
 // commitMu.
 func (s *Session) sync(ctx context.Context) error {
 	s.mu.Lock()
@@ -279,27 +371,52 @@ func (s *Session) sync(ctx context.Context) error {
 	if !need {
 		return nil
 	}
-	var seq int64
-	var cursor, owner *string
-	var rows, rejects int64
-	err := s.pool.QueryRow(ctx, `SELECT seq, cursor, rows, rejects, owner FROM `+s.schema+`.checkpoint WHERE job = $1 FOR UPDATE`, s.cfg.Job).
-		Scan(&seq, &cursor, &rows, &rejects, &owner)
+	row, err := readCheckpoint(ctx, s.pool, s.schema, s.cfg.Job, true)
 	if err != nil {
 		return fmt.Errorf("pgetl: resync checkpoint of job %q: %w", s.cfg.Job, err)
 	}
-	if owner == nil || *owner != s.owner {
+	if row.Owner != s.owner {
 		return s.fence()
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	s.cp.Seq, s.cp.Rows, s.cp.Rejects, s.resync = seq, rows, rejects, false
-	if n := rows + rejects; n > s.nextRow.Load() {
+	if row.Seq < s.cp.Seq {
+		return s.checkpointLost(row)
+	}
+	s.cp.Seq, s.cp.Cursor, s.cp.Rows, s.cp.Rejects, s.cp.UpdatedAt, s.resync = row.Seq, row.Cursor, row.Rows, row.Rejects, row.UpdatedAt, false
+	if n := row.Rows + row.Rejects; n > s.nextRow.Load() {
 		s.nextRow.Store(n)
 	}
-	if cursor != nil {
-		s.cp.Cursor = *cursor
-	}
 	return nil
+}
+
+// checkpointLost records that the database's checkpoint row is behind what this
+// session committed (a failover or restore lost committed batches) and returns the
+// error every later call returns. Caller must hold mu.
+func (s *Session) checkpointLost(row checkpointRow) error {
+	if s.lost == nil {
+		s.lost = &CheckpointLostError{Job: s.cfg.Job, Committed: s.cp, Database: row.Checkpoint}
+		s.log.Error("pgetl: the database's checkpoint moved back; committed batches were lost", "job", s.cfg.Job,
+			"committed_seq", s.cp.Seq, "database_seq", row.Seq, "lost_rows", s.cp.Rows-row.Rows, "resume_cursor", row.Cursor)
+	}
+	return s.lost
+}
+
+// gap handles PGF03 (the checkpoint is behind the batch before seq): it reads the
+// row and returns a *CheckpointLostError if the database lost batches this session
+// committed, else an error saying where the checkpoint stands.
+func (s *Session) gap(ctx context.Context, seq int64, cause error) error {
+	row, err := readCheckpoint(ctx, s.pool, s.schema, s.cfg.Job, false)
+	if err != nil {
+		return fmt.Errorf("pgetl: job %q batch %d: %w (and reading the checkpoint failed: %w)", s.cfg.Job, seq, cause, err)
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if row.Seq < s.cp.Seq {
+		return s.checkpointLost(row)
+	}
+	s.resync = true
+	return fmt.Errorf("pgetl: job %q batch %d: the checkpoint stands at batch %d: %w", s.cfg.Job, seq, row.Seq, cause)
 }
 
 // nextSeq returns the sequence number of the next unit of work. Caller must hold

@@ -10,6 +10,7 @@ package pgetl
 import (
 	"context"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -96,12 +97,10 @@ func TestFaultSerialization(t *testing.T) {
 			}
 			read1, read2, done1 := make(chan struct{}), make(chan struct{}), make(chan struct{})
 			var calls1, calls2 int // each written by its unit's goroutine only
+			txOpts := pgx.TxOptions{IsoLevel: pgx.TxIsoLevel(strings.ToLower(level))}
 			unit := func(s *Session, calls *int, readDone chan struct{}, wait chan struct{}) func(pgx.Tx) error {
 				return func(tx pgx.Tx) error {
 					*calls++
-					if _, err := tx.Exec(ctx, "SET TRANSACTION ISOLATION LEVEL "+level); err != nil {
-						return err
-					}
 					var sum int64
 					if err := tx.QueryRow(ctx, "SELECT sum(v)::bigint FROM counters").Scan(&sum); err != nil {
 						return err
@@ -119,9 +118,9 @@ func TestFaultSerialization(t *testing.T) {
 			}
 			r1 := goJob(func() error {
 				defer close(done1)
-				return s1.Tx(ctx, unit(s1, &calls1, read1, read2))
+				return s1.TxWithOptions(ctx, txOpts, unit(s1, &calls1, read1, read2))
 			})
-			r2 := goJob(func() error { return s2.Tx(ctx, unit(s2, &calls2, read2, done1)) })
+			r2 := goJob(func() error { return s2.TxWithOptions(ctx, txOpts, unit(s2, &calls2, read2, done1)) })
 			require.NoError(t, waitJob(t, r1, 30*time.Second))
 			require.NoError(t, waitJob(t, r2, 30*time.Second))
 			t.Logf("retries: s1 %v, s2 %v", s1.Stat().Retries(), s2.Stat().Retries())

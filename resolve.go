@@ -59,16 +59,19 @@ func (s *Session) resolve(ctx context.Context, seq int64) (bool, error) {
 		case <-time.After(50 * time.Millisecond):
 		}
 	}
-	var cur int64
-	var owner *string
-	err = conn.QueryRow(ctx, `SELECT seq, owner FROM `+s.schema+`.checkpoint WHERE job = $1 FOR UPDATE`, s.cfg.Job).Scan(&cur, &owner)
+	row, err := readCheckpoint(ctx, conn, s.schema, s.cfg.Job, true)
 	if err != nil {
 		return false, err
 	}
-	if owner == nil || *owner != s.owner {
+	if row.Owner != s.owner {
 		// Another session owns the job now: its progress says nothing about this
 		// batch.
 		return false, s.fence()
 	}
-	return cur >= seq, nil
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if row.Seq < s.cp.Seq {
+		return false, s.checkpointLost(row)
+	}
+	return row.Seq >= seq, nil
 }

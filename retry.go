@@ -2,10 +2,10 @@ package pgetl
 
 import (
 	"context"
-	"crypto/rand"
 	"errors"
 	"fmt"
 	"io"
+	"math/rand/v2"
 	"net"
 	"strings"
 	"syscall"
@@ -65,106 +65,150 @@ const (
 // run commits one unit of work (batch seq) with attempt, retrying transient failures
 // with backoff and resolving an in-doubt COMMIT from the checkpoint. Caller must hold
 // commitMu.
+//
+// Every attempt puts the checkpoint's fence first in its transaction (advanceSQL),
+// so a replay of a unit that did commit fails at once with PGF02 and is counted as
+// committed: an in-doubt commit that could not be resolved is settled by the next
+// attempt that reaches the server. If none does (the caller gives up, retries run
+// out), the error wraps ErrInDoubt: the outcome is unknown, and the session re-reads
+// the checkpoint before its next unit of work (and in Checkpoint).
 func (s *Session) run(ctx context.Context, seq int64, attempt func(ctx context.Context, n int) (commitOutcome, error)) error {
 	start := time.Now()
-	r := s.cfg.Retry
+	doubt := false // an attempt's COMMIT may have run and no later attempt settled it
+	inDoubt := func(err error) error {
+		if !doubt {
+			return err
+		}
+		s.mu.Lock()
+		s.resync = true
+		s.mu.Unlock()
+		return &InDoubtError{Job: s.cfg.Job, Seq: seq, Err: err}
+	}
 	for n := 1; ; n++ {
 		outcome, err := attempt(ctx, n)
 		if outcome == outcomeCommitted {
 			return nil
 		}
-		if ctx.Err() != nil {
-			if outcome == outcomeInDoubt {
-				// The caller gave up while the transaction may still run on the
-				// server (its whole message was sent): end it, and learn whether it
-				// had committed.
-				rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
-				committed, rerr := s.resolve(rctx, seq)
-				cancel()
-				if rerr == nil && committed {
-					s.count("in_doubt_committed")
-					return nil
-				}
-				if rerr != nil {
-					s.mu.Lock()
-					s.resync = true
-					s.mu.Unlock()
-				}
-			}
-			return ctx.Err()
-		}
 		if pg := pgErrorOf(err); pg != nil {
-			switch pg.Code {
-			case codeAlreadyCommitted:
-				if n == 1 {
-					s.mu.Lock()
-					s.resync = true
-					s.mu.Unlock()
-					return fmt.Errorf("pgetl: job %q: checkpoint is ahead of this session (batch %d already committed); retry to resync: %w", s.cfg.Job, seq, err)
-				}
-				// A replay found its batch committed: the earlier attempt's COMMIT
-				// went through after all.
+			switch {
+			case pg.Code == codeAlreadyCommitted && doubt:
+				// A replay found its batch committed at the fence: an earlier
+				// attempt's COMMIT went through after all.
+				s.log.Info("pgetl: in-doubt commit resolved by the replay's fence: committed", "job", s.cfg.Job, "seq", seq)
 				s.count("in_doubt_committed")
 				return nil
-			case codeFenced:
+			case pg.Code == codeAlreadyCommitted:
+				s.mu.Lock()
+				s.resync = true
+				s.mu.Unlock()
+				return fmt.Errorf("pgetl: job %q: checkpoint is ahead of this session (batch %d already committed); retry to resync: %w", s.cfg.Job, seq, err)
+			case pg.Code == codeFenced:
 				s.fence()
 				return fmt.Errorf("%w: job %q batch %d: %w", ErrFenced, s.cfg.Job, seq, err)
+			case pg.Code == codeCheckpointGap:
+				return s.gap(context.WithoutCancel(ctx), seq, err)
+			case pg.Severity == "ERROR" && isDataError(pg.Code):
+				// Data errors come after the fence: this attempt passed it, so no
+				// earlier attempt had committed.
+				doubt = false
 			}
 		}
 		if outcome == outcomeInDoubt {
-			committed, rerr := s.resolve(ctx, seq)
-			if rerr == nil && committed {
+			doubt = true
+			// End the transaction if it still runs on the server, and learn whether
+			// it committed; if the caller gave up, do it on a short leash of its own.
+			rctx, cancel := ctx, context.CancelFunc(func() {})
+			if ctx.Err() != nil {
+				rctx, cancel = context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+			}
+			committed, rerr := s.resolve(rctx, seq)
+			cancel()
+			switch {
+			case rerr == nil && committed:
 				s.log.Info("pgetl: in-doubt commit resolved: committed", "job", s.cfg.Job, "seq", seq)
 				s.count("in_doubt_committed")
 				return nil
+			case rerr == nil:
+				doubt = false // resolved: not committed; replay
+			case errors.Is(rerr, ErrFenced) || errors.Is(rerr, ErrCheckpointLost):
+				return rerr
+			default:
+				// Unresolved: the replay's fence settles it (PGF02 if it committed).
+				s.log.Warn("pgetl: in-doubt commit unresolved; the replay's fence settles it", "job", s.cfg.Job, "seq", seq, "err", rerr)
+				err = errors.Join(err, rerr)
 			}
-			if rerr != nil {
-				if ctx.Err() != nil {
-					return ctx.Err()
-				}
-				if errors.Is(rerr, ErrFenced) {
-					return rerr
-				}
-				// Unresolved: the replay's checkpoint fence still prevents a duplicate.
-				s.log.Warn("pgetl: in-doubt commit unresolved; replay is fenced by the checkpoint", "job", s.cfg.Job, "seq", seq, "err", rerr)
-			}
+		}
+		if ctx.Err() != nil {
+			return inDoubt(ctx.Err())
 		}
 		if !IsTransient(err) {
-			return err
+			return inDoubt(err)
 		}
-		class := retryClass(err)
-		if n >= r.MaxAttempts || time.Since(start) >= r.MaxElapsed {
-			return fmt.Errorf("%w: job %q batch %d after %d attempts in %v: %w", ErrRetriesExhausted, s.cfg.Job, seq, n, time.Since(start).Round(time.Millisecond), err)
-		}
-		backoff := s.backoff(n)
-		s.mu.Lock()
-		s.stat.retries[class]++
-		s.mu.Unlock()
-		s.log.Warn("pgetl: retrying", "job", s.cfg.Job, "seq", seq, "attempt", n, "class", class, "backoff", backoff, "err", err)
-		if s.cfg.OnRetryFunc != nil {
-			s.cfg.OnRetryFunc(RetryEvent{Job: s.cfg.Job, Seq: seq, Attempt: n, Class: class, Backoff: backoff, Err: err})
-		}
-		t := time.NewTimer(backoff)
-		select {
-		case <-ctx.Done():
-			t.Stop()
-			return ctx.Err()
-		case <-t.C:
+		if werr := s.retryWait(ctx, seq, n, start, err); werr != nil {
+			return inDoubt(werr)
 		}
 	}
 }
 
-// backoff returns the wait before attempt n+1: full jitter over an exponential bound.
+// retryWait decides whether attempt n of unit seq, which failed with the transient
+// err, is retried: it returns ErrRetriesExhausted (wrapping err) once
+// RetryPolicy.MaxAttempts or MaxElapsed (counted from start) are spent, else counts
+// the retry, calls OnRetryFunc and waits the backoff (ctx's error if ctx ends first).
+func (s *Session) retryWait(ctx context.Context, seq int64, n int, start time.Time, err error) error {
+	r := s.cfg.Retry
+	elapsed := s.clock.since(start)
+	if n >= r.MaxAttempts || elapsed >= r.MaxElapsed {
+		return fmt.Errorf("%w: job %q batch %d after %d attempts in %v: %w", ErrRetriesExhausted, s.cfg.Job, seq, n, elapsed.Round(time.Millisecond), err)
+	}
+	class := retryClass(err)
+	backoff := min(s.backoff(n), r.MaxElapsed-elapsed)
+	s.mu.Lock()
+	s.stat.retries[class]++
+	s.mu.Unlock()
+	s.log.Warn("pgetl: retrying", "job", s.cfg.Job, "seq", seq, "attempt", n, "class", class, "backoff", backoff, "err", err)
+	if s.cfg.OnRetryFunc != nil {
+		s.cfg.OnRetryFunc(RetryEvent{Job: s.cfg.Job, Seq: seq, Attempt: n, Class: class, Backoff: backoff, Err: err})
+	}
+	return s.clock.sleep(ctx, backoff)
+}
+
+// backoff returns the wait before attempt n+1: full jitter, a uniform draw from
+// [0, min(MaxBackoff, InitialBackoff·2^(n-1))].
 func (s *Session) backoff(n int) time.Duration {
 	r := s.cfg.Retry
 	bound := r.InitialBackoff << min(n-1, 30)
 	if bound > r.MaxBackoff || bound <= 0 {
 		bound = r.MaxBackoff
 	}
-	var b [8]byte
-	_, _ = rand.Read(b[:])
-	x := uint64(b[0]) | uint64(b[1])<<8 | uint64(b[2])<<16 | uint64(b[3])<<24 | uint64(b[4])<<32 | uint64(b[5])<<40 | uint64(b[6])<<48
-	return time.Duration(x%uint64(bound)) + bound/10
+	if bound <= 0 {
+		return 0
+	}
+	return time.Duration(s.clock.rand(int64(bound) + 1))
+}
+
+// clock is the time and randomness the retry loop uses; tests replace it.
+type clock struct {
+	now   func() time.Time
+	sleep func(ctx context.Context, d time.Duration) error
+	rand  func(n int64) int64 // uniform in [0, n)
+}
+
+func (c clock) since(t time.Time) time.Duration { return c.now().Sub(t) }
+
+// realClock is the wall clock and math/rand/v2.
+var realClock = clock{
+	now: time.Now,
+	sleep: func(ctx context.Context, d time.Duration) error {
+		t := time.NewTimer(d)
+		defer t.Stop()
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-t.C:
+			return nil
+		}
+	},
+	rand: rand.Int64N,
 }
 
 func retryClass(err error) string {

@@ -149,6 +149,7 @@ type Session struct {
 	owner  string // token proving the claim
 	schema string // quoted checkpoint schema
 	log    *slog.Logger
+	clock  clock // retry timing; realClock but in tests
 
 	commitMu sync.Mutex // serializes commits; held across one unit of work
 
@@ -157,6 +158,7 @@ type Session struct {
 	closed  bool
 	closing bool // Close has begun: no new batch sessions
 	fenced  bool
+	lost    *CheckpointLostError       // the database lost committed batches: every call fails with it
 	resync  bool                       // cp.Seq may be behind the database after an abandoned in-doubt commit
 	batches map[*BatchSession]struct{} // open batch sessions, closed by Close
 	stat    statCounters
@@ -188,6 +190,7 @@ func NewSession(ctx context.Context, pool *pgxpool.Pool, cfg SessionConfig) (*Se
 		schema: pgx.Identifier{cfg.CheckpointSchema}.Sanitize(),
 		log:    cfg.Logger,
 		stop:   make(chan struct{}),
+		clock:  realClock,
 	}
 	if s.log == nil {
 		s.log = slog.New(slog.DiscardHandler)
@@ -255,6 +258,9 @@ func (s *Session) usable() error {
 	}
 	if s.fenced {
 		return fmt.Errorf("%w: job %q", ErrFenced, s.cfg.Job)
+	}
+	if s.lost != nil {
+		return s.lost
 	}
 	return nil
 }

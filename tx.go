@@ -9,13 +9,24 @@ import (
 )
 
 // Tx runs fn in a short transaction on a connection acquired for it: BEGIN, the
-// guards (SET LOCAL), fn, the checkpoint advance (so the session's fencing and
-// in-doubt resolution cover custom work too), COMMIT, release. After a transient
-// failure the transaction is rolled back and fn is called again on a fresh
-// connection, so fn must do all its work through tx and must not keep effects of a
-// failed attempt. fn must not call tx.Commit or tx.Rollback: return nil to commit, an
-// error to roll back (that error is returned as is).
+// guards (SET LOCAL), the checkpoint's fence (so the session's fencing and in-doubt
+// resolution cover custom work too), fn, COMMIT, release. After a transient failure
+// the transaction is rolled back and fn is called again on a fresh connection, so fn
+// must do all its work through tx and must not keep effects of a failed attempt. fn
+// must not call tx.Commit or tx.Rollback: return nil to commit, an error to roll back
+// (that error is returned as is).
+//
+// The fence runs before fn, so when a COMMIT whose outcome was unknown did go
+// through, the replay stops at the fence and fn is not run again. It also means fn
+// runs after the transaction's first query: to choose an isolation level, use
+// TxWithOptions (SET TRANSACTION ISOLATION LEVEL inside fn fails with 25001).
 func (s *Session) Tx(ctx context.Context, fn func(pgx.Tx) error) error {
+	return s.TxWithOptions(ctx, pgx.TxOptions{}, fn)
+}
+
+// TxWithOptions is Tx with the transaction's options (isolation level, access mode,
+// deferrable), as pgx's BeginTx takes them.
+func (s *Session) TxWithOptions(ctx context.Context, opts pgx.TxOptions, fn func(pgx.Tx) error) error {
 	s.commitMu.Lock()
 	defer s.commitMu.Unlock()
 	if err := s.usable(); err != nil {
@@ -26,26 +37,53 @@ func (s *Session) Tx(ctx context.Context, fn func(pgx.Tx) error) error {
 	}
 	seq := s.nextSeq()
 	var (
-		fnErr error
-		last  *sessionTx // the last attempt's transaction, whose hooks are pending
+		fnErr   error
+		last    *sessionTx    // the last attempt's transaction
+		lastOut commitOutcome // and its outcome
+		doubt   []*sessionTx  // attempts whose COMMIT may have run: their hooks wait for the verdict
 	)
 	err := s.run(ctx, seq, func(ctx context.Context, n int) (commitOutcome, error) {
 		if last != nil {
-			last.runRollback() // a new attempt: the previous one did not commit
+			if lastOut == outcomeInDoubt {
+				doubt = append(doubt, last)
+			} else {
+				last.runRollback() // did not commit
+			}
 		}
-		out, stx, err, ferr := s.txAttempt(ctx, seq, n, fn)
-		last, fnErr = stx, ferr
+		out, stx, err, ferr := s.txAttempt(ctx, seq, n, opts, fn)
+		last, lastOut, fnErr = stx, out, ferr
 		return out, err
 	})
 	if err == nil && fnErr == nil {
 		s.committed(seq, nil, 0, 0, 0)
-		if last != nil {
-			last.runCommit()
+		// The attempt that committed: the last one if it says so, else (the run
+		// settled an in-doubt commit) the one attempt in doubt. Should several have
+		// been in doubt, which one committed is unknown: publish none of them.
+		var won *sessionTx
+		switch {
+		case lastOut == outcomeCommitted:
+			won = last
+		case lastOut == outcomeInDoubt && len(doubt) == 0:
+			won = last
+		case lastOut != outcomeInDoubt && len(doubt) == 1:
+			won = doubt[0]
+		}
+		for _, t := range append(doubt, last) {
+			if t == nil {
+				continue
+			}
+			if t == won {
+				t.runCommit()
+			} else {
+				t.runRollback()
+			}
 		}
 		return nil
 	}
-	if last != nil {
-		last.runRollback()
+	for _, t := range append(doubt, last) {
+		if t != nil {
+			t.runRollback()
+		}
 	}
 	if fnErr != nil {
 		return fnErr
@@ -55,7 +93,7 @@ func (s *Session) Tx(ctx context.Context, fn func(pgx.Tx) error) error {
 
 // txAttempt is one attempt of Tx. The hooks of the returned transaction are pending:
 // the caller runs them once the outcome is final.
-func (s *Session) txAttempt(ctx context.Context, seq int64, n int, fn func(pgx.Tx) error) (out commitOutcome, stx *sessionTx, err, fnErr error) {
+func (s *Session) txAttempt(ctx context.Context, seq int64, n int, opts pgx.TxOptions, fn func(pgx.Tx) error) (out commitOutcome, stx *sessionTx, err, fnErr error) {
 	t0 := time.Now()
 	conn, err := s.pool.Acquire(ctx)
 	if err != nil {
@@ -67,12 +105,13 @@ func (s *Session) txAttempt(ctx context.Context, seq int64, n int, fn func(pgx.T
 		s.stat.holdNanos += int64(time.Since(t0))
 		s.mu.Unlock()
 	}()
-	tx, err := conn.Begin(ctx)
+	tx, err := conn.BeginTx(ctx, opts)
 	if err != nil {
 		return outcomeFailed, nil, err, nil
 	}
 	stx = &sessionTx{Tx: tx}
-	if _, err := tx.Exec(ctx, s.guardSQL(seq)); err != nil {
+	// Guards and the fence in one round trip, before fn.
+	if _, err := tx.Exec(ctx, s.guardSQL(seq)+s.advanceSQL(seq, nil, 0, 0)); err != nil {
 		_ = tx.Rollback(ctx)
 		return outcomeFailed, stx, err, nil
 	}
@@ -83,10 +122,6 @@ func (s *Session) txAttempt(ctx context.Context, seq int64, n int, fn func(pgx.T
 			return outcomeFailed, stx, ferr, nil
 		}
 		return outcomeFailed, stx, nil, ferr
-	}
-	if _, err := tx.Exec(ctx, s.advanceSQL(seq, nil, 0, 0)); err != nil {
-		_ = tx.Rollback(ctx)
-		return outcomeFailed, stx, err, nil
 	}
 	if s.cfg.beforeCommit != nil {
 		s.cfg.beforeCommit(ctx, seq, n, conn.Conn().PgConn())
