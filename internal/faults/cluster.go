@@ -88,7 +88,16 @@ func NewCluster(t testing.TB, opts ...ClusterOption) *Cluster {
 		conf = append(conf, fmt.Sprintf("%s = '%s'", s[0], strings.ReplaceAll(s[1], "'", "''")))
 	}
 	appendFile(t, filepath.Join(c.DataDir(), "postgresql.conf"), "\n# pgetl faults\n"+strings.Join(conf, "\n")+"\n")
-	// A free port can be taken between choosing and binding it: retry with another.
+	c.startOnFreePort(t)
+	t.Logf("faults: cluster %s up in %v (data %s)", c.Addr(), time.Since(start).Round(time.Millisecond), c.DataDir())
+	return c
+}
+
+// startOnFreePort starts the cluster for the first time on a free port, written to
+// pgetl_faults_port.conf (which postgresql.conf includes). A free port can be taken
+// between choosing and binding it: it retries with another.
+func (c *Cluster) startOnFreePort(t testing.TB) {
+	t.Helper()
 	for attempt := 1; ; attempt++ {
 		c.port = FreePort(t)
 		portConf := filepath.Join(c.DataDir(), "pgetl_faults_port.conf")
@@ -100,15 +109,13 @@ func NewCluster(t testing.TB, opts ...ClusterOption) *Cluster {
 		}
 		err := c.tryStart()
 		if err == nil {
-			break
+			return
 		}
 		if attempt == 3 {
 			t.Fatalf("faults: start cluster: %v\n%s", err, c.LogTail(30))
 		}
 		t.Logf("faults: start cluster on port %d: %v; retrying", c.port, err)
 	}
-	t.Logf("faults: cluster %s up in %v (data %s)", c.Addr(), time.Since(start).Round(time.Millisecond), c.DataDir())
-	return c
 }
 
 // DataDir returns the cluster's data directory.
