@@ -48,17 +48,3 @@ func timed(f func() error) (time.Duration, error) {
 	err := f()
 	return time.Since(start), err
 }
-
-func TestWithHostPort(t *testing.T) {
-	for in, want := range map[string]string{
-		"postgres://u:p@db:5432/x?sslmode=disable&host=h&port=1": "postgres://u:p@127.0.0.1:9/x?sslmode=disable",
-		"postgresql://db/x":                   "postgresql://127.0.0.1:9/x",
-		"postgres://a@h1:1,h2:2?x=1":          "postgres://a@127.0.0.1:9?x=1",
-		"postgres://u@/x?host=/run/pg":        "postgres://u@127.0.0.1:9/x",
-		"":                                    "host=127.0.0.1 port=9",
-		"dbname=x host=/run/postgresql":       "dbname=x host=/run/postgresql host=127.0.0.1 port=9",
-		"postgres://u@[::1]:5432/x?port=5433": "postgres://u@127.0.0.1:9/x",
-	} {
-		require.Equal(t, want, withHostPort(in, "127.0.0.1", 9), in)
-	}
-}

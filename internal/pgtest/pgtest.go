@@ -2,9 +2,23 @@
 //
 // The database comes from PGETL_TEST_DATABASE_URL when set; else from a server
 // reachable with libpq defaults (PGHOST, PGPORT, …, or the local socket/localhost);
-// else from a throwaway testcontainers-go Postgres where a Docker engine exists. Each
-// test gets its own schema, dropped in t.Cleanup. When CI=true a test that cannot get
-// its database fails with a message saying what to set; it never skips.
+// else from a throwaway testcontainers-go Postgres where a Docker engine exists (see
+// below). Each test gets its own schema, dropped in t.Cleanup. When CI=true a test
+// that cannot get its database fails with a message saying what to set; it never
+// skips.
+//
+// # The container fallback
+//
+// testcontainers-go and the Docker client are not dependencies of the core module
+// (they would land in the go.sum of every program that imports pgetl). The fallback
+// runs the command internal/testkit/cmd/pgcontainer of the test-kit module instead:
+// `go run ./cmd/pgcontainer` in that module's directory, found from this file's own
+// path, so it needs the go command and a source checkout of pgetl (which running
+// pgetl's tests implies). The first run builds it, which downloads the test-kit
+// module's dependencies. The command prints the container's connection string and
+// stops the container when its stdin closes: Main closes it after the tests, and the
+// operating system closes it if the test binary dies. Where no Docker engine runs,
+// the command fails and URL reports that with the other two reasons.
 package pgtest
 
 import (
@@ -19,8 +33,6 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
-	"github.com/testcontainers/testcontainers-go"
-	tcpostgres "github.com/testcontainers/testcontainers-go/modules/postgres"
 	"go.uber.org/goleak"
 )
 
@@ -35,7 +47,7 @@ var (
 	once      sync.Once
 	baseURL   string
 	baseErr   error
-	container testcontainers.Container
+	container *containerProcess // the container fallback's command, if it started
 	seq       atomic.Int64
 )
 
@@ -47,7 +59,9 @@ func InCI() bool { return os.Getenv("CI") == "true" }
 func Main(m *testing.M) {
 	code := m.Run()
 	if container != nil {
-		_ = container.Terminate(context.Background())
+		if err := container.stop(time.Minute); err != nil {
+			fmt.Fprintf(os.Stderr, "pgtest: %v\n", err)
+		}
 	}
 	if code == 0 {
 		if err := goleak.Find(ignoreLeaks()...); err != nil {
@@ -98,16 +112,15 @@ func find() (string, error) {
 	if errLocal == nil {
 		return "", nil // libpq defaults
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
-	defer cancel()
-	c, err := tcpostgres.Run(ctx, "postgres:16-alpine",
-		tcpostgres.WithDatabase("test"), tcpostgres.WithUsername("postgres"),
-		tcpostgres.WithPassword("postgres"), tcpostgres.BasicWaitStrategies())
+	c, err := startContainer(5 * time.Minute)
 	if err != nil {
 		return "", fmt.Errorf("local server: %v; testcontainers: %w", errLocal, err)
 	}
 	container = c
-	return c.ConnectionString(ctx, "sslmode=disable")
+	if err := ping(c.url); err != nil {
+		return "", fmt.Errorf("local server: %v; testcontainers: container started but unusable: %w", errLocal, err)
+	}
+	return c.url, nil
 }
 
 func ping(connString string) error {

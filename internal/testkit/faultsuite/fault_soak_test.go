@@ -1,4 +1,4 @@
-package pgetl
+package faultsuite_test
 
 // Soak (issue 9): a 200k-row upsert job (BatchConfig.Key on the primary key, a
 // quarter of the keys already there with stale content) with bad rows rejected to
@@ -28,7 +28,9 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/pgetl/pgetl"
 	"github.com/pgetl/pgetl/internal/faults"
+	"github.com/pgetl/pgetl/internal/testkit/faultproxy"
 	"github.com/stretchr/testify/require"
 )
 
@@ -70,23 +72,23 @@ func soak(t *testing.T, seed uint64, n int64) {
 	db.Exec(t, `INSERT INTO lines SELECT i, (SELECT id FROM products WHERE sku = 'SKU-stale'), 0, 'stale'
 		FROM generate_series(4, $1::bigint, 4) i WHERE i <> ALL ($2::bigint[])`, n, badRows)
 
-	px := faults.NewProxy(t, faults.TCPAddr(t, db.URL))
+	px := faultproxy.NewProxy(t, faults.TCPAddr(t, db.URL))
 	pool := faultPool(t, px.URL(db.URL))
 	job := "soak-" + strconv.FormatUint(seed, 10)
-	s, err := NewSession(ctx, pool, SessionConfig{Job: job, CheckpointSchema: db.Schema,
-		Retry: RetryPolicy{MaxAttempts: 20, MaxElapsed: 30 * time.Second, InitialBackoff: 20 * time.Millisecond, MaxBackoff: 300 * time.Millisecond}})
+	s, err := pgetl.NewSession(ctx, pool, pgetl.SessionConfig{Job: job, CheckpointSchema: db.Schema,
+		Retry: pgetl.RetryPolicy{MaxAttempts: 20, MaxElapsed: 30 * time.Second, InitialBackoff: 20 * time.Millisecond, MaxBackoff: 300 * time.Millisecond}})
 	require.NoError(t, err)
 	t.Cleanup(func() { _ = s.Close(context.Background()) })
-	cache := newCache[string](t, CacheConfig{})
-	products := Lookup{Table: "products", Key: "sku", Value: "id"}
+	cache := newCache[string](t, pgetl.CacheConfig{})
+	products := pgetl.Lookup{Table: "products", Key: "sku", Value: "id"}
 	sampler := faults.SampleActivity(t, db.URL, "pgetl "+job+"#", 20*time.Millisecond)
 
 	jctx, cancel := context.WithTimeout(ctx, 60*time.Second)
 	defer cancel()
 	start := time.Now()
 	res := goJob(func() error {
-		b, err := s.Batch(jctx, BatchConfig{Table: "lines", Columns: []string{"id", "product_id", "qty", "note"},
-			Key: []string{"id"}, CommitRows: commitRows, Rejects: RejectToTable})
+		b, err := s.Batch(jctx, pgetl.BatchConfig{Table: "lines", Columns: []string{"id", "product_id", "qty", "note"},
+			Key: []string{"id"}, CommitRows: commitRows, Rejects: pgetl.RejectToTable})
 		if err != nil {
 			return err
 		}
@@ -148,10 +150,10 @@ loop:
 		tried++
 		switch kind := rng.IntN(4); kind {
 		case 0: // reset
-			dir := []faults.Direction{faults.Upstream, faults.Downstream}[rng.IntN(2)]
+			dir := []faultproxy.Direction{faultproxy.Upstream, faultproxy.Downstream}[rng.IntN(2)]
 			pending, pendingKind = px.CutOnce(t, dir, 0, true), "reset"
 		case 1: // cut
-			pending, pendingKind = px.CutOnce(t, faults.Upstream, 1000+rng.Int64N(300_000), false), "cut"
+			pending, pendingKind = px.CutOnce(t, faultproxy.Upstream, 1000+rng.Int64N(300_000), false), "cut"
 		case 2: // lost reply + cut
 			name := px.LoseReplies(t)
 			time.Sleep(time.Duration(50+rng.IntN(200)) * time.Millisecond) // the fault's duration

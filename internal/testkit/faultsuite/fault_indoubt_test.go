@@ -1,8 +1,8 @@
-package pgetl
+package faultsuite_test
 
 // In-doubt COMMIT (issue 5, DESIGN §1.4): a Toxiproxy proxy between the job and the
 // server loses, from the moment a chosen batch's attempt 1 is about to write its
-// single message (the beforeCommit hook), either every reply (the batch commits on
+// single message (the beforeCommit hook, installed with internal/testhook), either every reply (the batch commits on
 // the server, the client never hears so) or every request (the batch never reaches
 // the server). The client notices when the test removes the toxic, which closes the
 // proxied connections (pgx then reports "unexpected EOF" for a message it sent).
@@ -22,7 +22,10 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/pgetl/pgetl"
 	"github.com/pgetl/pgetl/internal/faults"
+	"github.com/pgetl/pgetl/internal/testhook"
+	"github.com/pgetl/pgetl/internal/testkit/faultproxy"
 	"github.com/stretchr/testify/require"
 )
 
@@ -34,25 +37,25 @@ func TestFaultInDoubtBatch(t *testing.T) {
 			const n, commitRows, target = 20_000, 2_000, 4
 			bd := setupItems(t)
 			ctx := context.Background()
-			px := faults.NewProxy(t, faults.TCPAddr(t, bd.db.URL))
+			px := faultproxy.NewProxy(t, faults.TCPAddr(t, bd.db.URL))
 			pool := faultPool(t, px.URL(bd.db.URL))
 			job := "indoubt-" + lost
 			tr := newTrigger(t)
 			var attempts atomic.Int64
-			s, err := NewSession(ctx, pool, SessionConfig{Job: job, CheckpointSchema: bd.db.Schema,
-				Retry: RetryPolicy{InitialBackoff: 20 * time.Millisecond, MaxBackoff: 200 * time.Millisecond},
-				beforeCommit: func(_ context.Context, seq int64, attempt int, _ *pgconn.PgConn) {
-					attempts.Add(1)
-					if seq == target && attempt == 1 {
-						tr.pull(seq)
-					}
-				}})
+			hooked := testhook.WithBeforeCommit(ctx, func(_ context.Context, seq int64, attempt int, _ *pgconn.PgConn) {
+				attempts.Add(1)
+				if seq == target && attempt == 1 {
+					tr.pull(seq)
+				}
+			})
+			s, err := pgetl.NewSession(hooked, pool, pgetl.SessionConfig{Job: job, CheckpointSchema: bd.db.Schema,
+				Retry: pgetl.RetryPolicy{InitialBackoff: 20 * time.Millisecond, MaxBackoff: 200 * time.Millisecond}})
 			require.NoError(t, err)
 			t.Cleanup(func() { _ = s.Close(context.Background()) })
 			sampler := faults.SampleActivity(t, bd.db.URL, "pgetl "+job+"#", 10*time.Millisecond)
 
 			res := goJob(func() error {
-				return loadJob(ctx, s, BatchConfig{Table: bd.table, Columns: itemCols, CommitRows: commitRows, CommitInterval: -1}, 1, n, nil)
+				return loadJob(ctx, s, pgetl.BatchConfig{Table: bd.table, Columns: itemCols, CommitRows: commitRows, CommitInterval: -1}, 1, n, nil)
 			})
 			tr.wait(t, res, 30*time.Second)
 			var toxic string
@@ -66,16 +69,18 @@ func TestFaultInDoubtBatch(t *testing.T) {
 			if lost == "reply" {
 				// The batch commits on the server; its reply is lost.
 				require.True(t, poll(t, 10*time.Second, func() bool {
-					cp, err := ReadCheckpoint(ctx, bd.db.Pool, bd.db.Schema, job)
+					cp, err := pgetl.ReadCheckpoint(ctx, bd.db.Pool, bd.db.Schema, job)
 					return err == nil && cp.Seq >= target
 				}), "batch %d did not commit on the server", target)
 				t.Logf("batch %d committed on the server %v after the toxic was armed; its reply is lost", target, time.Since(armed).Round(time.Millisecond))
 			} else {
 				time.Sleep(300 * time.Millisecond) // the fault's duration
-				cp, err := ReadCheckpoint(ctx, bd.db.Pool, bd.db.Schema, job)
+				cp, err := pgetl.ReadCheckpoint(ctx, bd.db.Pool, bd.db.Schema, job)
 				require.NoError(t, err)
 				require.Equal(t, int64(target-1), cp.Seq, "the lost request must not have reached the server")
-				require.Zero(t, bd.db.Int(t, "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1", s.appName(target)))
+				// The batch's transaction is "pgetl <job>#<seq>.<session owner token>".
+				require.Zero(t, bd.db.Int(t, "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE $1",
+					"pgetl "+job+"#"+strconv.Itoa(target)+".%"))
 			}
 			cut := time.Now()
 			px.Remove(t, toxic) // closes every proxied connection
@@ -116,18 +121,18 @@ func TestFaultInDoubtTx(t *testing.T) {
 			const units, perUnit, target = 6, 50, 3
 			cb := setupCache(t)
 			ctx := context.Background()
-			px := faults.NewProxy(t, faults.TCPAddr(t, cb.db.URL))
+			px := faultproxy.NewProxy(t, faults.TCPAddr(t, cb.db.URL))
 			pool := faultPool(t, px.URL(cb.db.URL))
-			cache := newCache[string](t, CacheConfig{})
+			cache := newCache[string](t, pgetl.CacheConfig{})
 			job := "indoubt-tx-" + lost
 			tr := newTrigger(t)
-			s, err := NewSession(ctx, pool, SessionConfig{Job: job, CheckpointSchema: cb.db.Schema,
-				Retry: RetryPolicy{InitialBackoff: 20 * time.Millisecond, MaxBackoff: 200 * time.Millisecond},
-				beforeCommit: func(_ context.Context, seq int64, attempt int, _ *pgconn.PgConn) {
-					if seq == target && attempt == 1 {
-						tr.pull(seq)
-					}
-				}})
+			hooked := testhook.WithBeforeCommit(ctx, func(_ context.Context, seq int64, attempt int, _ *pgconn.PgConn) {
+				if seq == target && attempt == 1 {
+					tr.pull(seq)
+				}
+			})
+			s, err := pgetl.NewSession(hooked, pool, pgetl.SessionConfig{Job: job, CheckpointSchema: cb.db.Schema,
+				Retry: pgetl.RetryPolicy{InitialBackoff: 20 * time.Millisecond, MaxBackoff: 200 * time.Millisecond}})
 			require.NoError(t, err)
 			t.Cleanup(func() { _ = s.Close(context.Background()) })
 
@@ -169,12 +174,12 @@ func TestFaultInDoubtTx(t *testing.T) {
 			tr.release()
 			if lost == "reply" {
 				require.True(t, poll(t, 10*time.Second, func() bool {
-					cp, err := ReadCheckpoint(ctx, cb.db.Pool, cb.db.Schema, job)
+					cp, err := pgetl.ReadCheckpoint(ctx, cb.db.Pool, cb.db.Schema, job)
 					return err == nil && cp.Seq >= target
 				}), "unit %d did not commit on the server", target)
 			} else {
 				time.Sleep(300 * time.Millisecond) // the fault's duration
-				cp, err := ReadCheckpoint(ctx, cb.db.Pool, cb.db.Schema, job)
+				cp, err := pgetl.ReadCheckpoint(ctx, cb.db.Pool, cb.db.Schema, job)
 				require.NoError(t, err)
 				require.Equal(t, int64(target-1), cp.Seq, "the lost COMMIT must not have reached the server")
 			}
@@ -202,7 +207,7 @@ func TestFaultInDoubtTx(t *testing.T) {
 				require.Equal(t, id, v, k)
 			}
 			require.Zero(t, cache.Stat().StagedTransactions())
-			cp, err := ReadCheckpoint(ctx, cb.db.Pool, cb.db.Schema, job)
+			cp, err := pgetl.ReadCheckpoint(ctx, cb.db.Pool, cb.db.Schema, job)
 			require.NoError(t, err)
 			require.Equal(t, int64(units), cp.Seq)
 		})

@@ -1,4 +1,4 @@
-package faults
+package faultproxy
 
 import (
 	"bytes"
@@ -62,7 +62,7 @@ type Proxy struct {
 }
 
 // NewProxy starts a proxy listening on a free port of 127.0.0.1 that forwards to
-// upstream (host:port; see TCPAddr). It is stopped, with all its connections, in
+// upstream (host:port; see faults.TCPAddr). It is stopped, with all its connections, in
 // t.Cleanup.
 func NewProxy(t testing.TB, upstream string) *Proxy {
 	t.Helper()
@@ -70,7 +70,7 @@ func NewProxy(t testing.TB, upstream string) *Proxy {
 	if s := os.Getenv(EnvProxyLog); s != "" {
 		l, err := zerolog.ParseLevel(s)
 		if err != nil {
-			t.Fatalf("faults: %s=%q: %v", EnvProxyLog, s, err)
+			t.Fatalf("faultproxy: %s=%q: %v", EnvProxyLog, s, err)
 		}
 		level = l
 	}
@@ -84,7 +84,7 @@ func NewProxy(t testing.TB, upstream string) *Proxy {
 	}
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
-		t.Fatalf("faults: proxy listen: %v", err)
+		t.Fatalf("faultproxy: proxy listen: %v", err)
 	}
 	p.addr = ln.Addr().String()
 	p.px.Listen = p.addr
@@ -123,7 +123,7 @@ func (p *Proxy) AddToxic(t testing.TB, name, typ string, dir Direction, attrs ma
 		"name": name, "type": typ, "stream": string(dir), "toxicity": 1.0, "attributes": attrs,
 	})
 	if err != nil {
-		t.Fatalf("faults: toxic %s: %v", name, err)
+		t.Fatalf("faultproxy: toxic %s: %v", name, err)
 	}
 	if typ == "reset_peer" {
 		typ = resetType // Toxiproxy's needs *net.TCPConn sockets and leaks goroutines
@@ -140,7 +140,7 @@ func (p *Proxy) AddToxic(t testing.TB, name, typ string, dir Direction, attrs ma
 		p.mu.Unlock()
 	}
 	if _, err := p.px.Toxics.AddToxicJson(bytes.NewReader(body)); err != nil {
-		t.Fatalf("faults: add toxic %s: %v", name, err)
+		t.Fatalf("faultproxy: add toxic %s: %v", name, err)
 	}
 	return name
 }
@@ -219,7 +219,7 @@ func (p *Proxy) Toxics() []string {
 func (p *Proxy) Remove(t testing.TB, name string) {
 	t.Helper()
 	if err := p.px.Toxics.RemoveToxic(context.Background(), name); err != nil {
-		t.Fatalf("faults: remove toxic %s: %v", name, err)
+		t.Fatalf("faultproxy: remove toxic %s: %v", name, err)
 	}
 	p.mu.Lock()
 	delete(p.resets, name)
@@ -253,7 +253,7 @@ func (p *Proxy) Enable(t testing.TB) {
 	}
 	ln, err := net.Listen("tcp", p.addr)
 	if err != nil {
-		t.Fatalf("faults: enable proxy on %s: %v", p.addr, err)
+		t.Fatalf("faultproxy: enable proxy on %s: %v", p.addr, err)
 	}
 	p.serve(ln)
 }
@@ -380,7 +380,7 @@ func (p *Proxy) serve(ln net.Listener) {
 			}
 			upstream, err := net.DialTimeout("tcp", p.upstream, 5*time.Second)
 			if err != nil {
-				p.px.Logger.Warn().Err(err).Msg("faults: proxy: dial upstream")
+				p.px.Logger.Warn().Err(err).Msg("faultproxy: dial upstream")
 				_ = client.Close()
 				continue
 			}

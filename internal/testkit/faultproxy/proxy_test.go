@@ -1,4 +1,4 @@
-package faults
+package faultproxy
 
 import (
 	"context"
@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/pgetl/pgetl/internal/faults"
 	"github.com/pgetl/pgetl/internal/pgtest"
 	"github.com/stretchr/testify/require"
 	"go.uber.org/goleak"
@@ -17,7 +18,7 @@ import (
 func newTestProxy(t *testing.T) (*Proxy, string) {
 	t.Helper()
 	base := pgtest.URL(t)
-	p := NewProxy(t, TCPAddr(t, base))
+	p := NewProxy(t, faults.TCPAddr(t, base))
 	return p, pgtest.WithParam(p.URL(base), "sslmode", "disable")
 }
 
@@ -114,7 +115,7 @@ func TestProxyLostRepliesAndRequests(t *testing.T) {
 	db := pgtest.New(t)
 	db.Exec(t, "CREATE TABLE lost (id int)")
 	base := pgtest.URL(t)
-	p := NewProxy(t, TCPAddr(t, base))
+	p := NewProxy(t, faults.TCPAddr(t, base))
 	url := pgtest.WithParam(p.URL(db.BaseURL), "sslmode", "disable")
 	ins := "INSERT INTO " + db.Ident("lost") + " VALUES ($1) RETURNING id"
 
