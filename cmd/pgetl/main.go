@@ -1,6 +1,6 @@
 // Command pgetl is pgetl's operator tool.
 //
-//	go run ./cmd/pgetl doctor [-dsn DSN] [-middlebox-idle 60s] [-older-than 30s] [-app PATTERN] [-terminate [-yes]]
+//	go -C cmd/pgetl run . doctor [-dsn DSN] [-middlebox-idle 60s] [-older-than 30s] [-app PATTERN] [-terminate [-yes]]
 //
 // doctor checks a connection string and its server the way an operator would
 // before a three-hour job, and finds the sessions left idle in transaction:

@@ -490,7 +490,7 @@ func (j *job) hint(o outcome) {
 		}
 		args = append(args, shellQuote(dsn.Redact(a, secrets...)))
 	}
-	cmd := strings.TrimSpace("go run ./examples/products " + strings.Join(args, " "))
+	cmd := strings.TrimSpace("go -C examples run ./products " + strings.Join(args, " "))
 	fmt.Fprintf(j.stderr, "products: committed rows are kept; resume with: %s\n", cmd)
 }
 

@@ -1,8 +1,8 @@
 // Command products is pgetl's example job: it syncs a product catalogue into
 // PostgreSQL the way a multi-hour ETL job should, and is the README's first command:
 //
-//	go run ./examples/products                 # 200,000 products from the embedded API
-//	go run ./examples/products -version 2      # the same catalogue, every product changed
+//	go -C examples run ./products              # 200,000 products from the embedded API
+//	go -C examples run ./products -version 2   # the same catalogue, every product changed
 //
 // # Sources
 //
@@ -157,7 +157,7 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 	fs.StringVar(&c.progress, "progress", "auto", "progress display: auto (a bar on a terminal, else log lines), bar, log or off")
 	fs.DurationVar(&c.progressEvery, "progress-every", 10*time.Second, "interval of the progress log lines")
 	fs.Usage = func() {
-		fmt.Fprintf(fs.Output(), "usage: go run ./examples/products [flags]\n\nSyncs products into PostgreSQL with pgetl. Flags:\n")
+		fmt.Fprintf(fs.Output(), "usage: go -C examples run ./products [flags]\n\nSyncs products into PostgreSQL with pgetl. Flags:\n")
 		fs.PrintDefaults()
 	}
 	if err := fs.Parse(args); err != nil {

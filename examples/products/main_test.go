@@ -204,7 +204,7 @@ func TestProductsJob(t *testing.T) {
 		r := e.run(t, db.Schema, "-source", "csv:"+path, "-commit-rows", "3000")
 		require.Equal(t, 1, r.code, "%s", r)
 		require.Contains(t, r.stderr, "products: bad row at "+path+` line 5002: price "12.3x": not a decimal number`, "%s", r)
-		require.Contains(t, r.stderr, "resume with: go run ./examples/products", "%s", r)
+		require.Contains(t, r.stderr, "resume with: go -C examples run ./products", "%s", r)
 		requireTable(t, db, 5000, 1)
 
 		// Rerun with -max-rejects 5: resumes, rejects the line, accounts for every row.
@@ -289,7 +289,7 @@ func TestInterrupt(t *testing.T) {
 	}
 	require.Equal(t, 130, code, "stdout:\n%s\nstderr:\n%s", &stdout, &stderr)
 	require.Contains(t, stdout.String(), "products sync INTERRUPTED by SIGINT")
-	require.Contains(t, stderr.String(), "resume with: go run ./examples/products -dsn")
+	require.Contains(t, stderr.String(), "resume with: go -C examples run ./products -dsn")
 	cp, err := pgetl.ReadCheckpoint(ctx, db.Pool, db.Schema, job)
 	require.NoError(t, err)
 	require.False(t, cp.Finished)
