@@ -3,10 +3,14 @@ package pgetl
 import (
 	"context"
 	"encoding/binary"
+	"errors"
+	"fmt"
 	"net"
+	"sync"
 	"time"
 
 	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgconn/ctxwatch"
 	"github.com/jackc/pgx/v5/pgproto3"
 )
 
@@ -23,52 +27,130 @@ func copyChunkRows(n int) int {
 	return n
 }
 
+// wireChunk is the most sendBatch hands to one Write: 64 KiB, as pgconn's CopyFrom
+// (its CopyData messages are at most 64 KiB).
+const wireChunk = 64 << 10
+
+// wireBufs holds sendBatch's reusable chunk buffers (*[]byte of cap wireChunk).
+var wireBufs = sync.Pool{New: func() any { b := make([]byte, 0, wireChunk); return &b }}
+
 // sendBatch runs one batch on pgc in a single round trip: a simple-protocol Query
 // holding sql (whose COPY … FROM STDIN statements, in order, read copies), with the
-// data of every COPY written right behind it in one vectored write. It returns the
-// last command tag, the first error the server reported, and how many COPY
-// statements completed before it (to place a COPY error's line in the batch). Data for a COPY the
-// server never reaches (after an error) is ignored by the server, as the protocol
-// specifies for CopyData outside COPY mode.
+// data of every COPY written right behind it. It returns the last command tag, the
+// first error the server reported, and how many COPY statements completed before
+// it (to place a COPY error's line in the batch). Data for a COPY the server never
+// reaches (after an error) is ignored by the server, as the protocol specifies for
+// CopyData outside COPY mode.
+//
+// The message goes out in writes of exactly 64 KiB (the last one shorter): small
+// pieces (headers, short runs of rows) are copied into a reusable chunk buffer,
+// large runs of rows are written from the batch's own buffer in 64 KiB slices. So a
+// batch of B bytes costs ceil(B/64 KiB) writes on any net.Conn: net.Buffers.WriteTo
+// uses writev only on a bare *net.TCPConn and falls back to one write per buffer on
+// a TLS or wrapped connection (21 writes for a 1,000-row batch in 4 COPYs, each a
+// TLS record of its own).
 //
 // The write runs in its own goroutine while this one reads, as pgconn's CopyFrom
 // does, so a server that sends many notices cannot deadlock with a large write.
-// A transport failure closes the connection.
+// When the writer fails it closes the connection at once (as CopyFrom's writer
+// does), so the reader fails too instead of waiting for a reply that cannot come;
+// when the reader fails it closes the connection, so the writer does not wait for
+// the kernel. Any transport failure leaves pgc closed; a server error (ERROR) with
+// the exchange complete leaves it open, in the failed transaction, for a ROLLBACK.
+//
+// How the connection is taken mirrors pgconn's CopyFrom as far as pgconn's exported
+// API allows:
+//
+//   - CopyFrom holds pgconn's lock (status busy) for the whole exchange. That lock is
+//     not exported: sendBatch refuses a busy or closed pgc, and otherwise relies on
+//     owning pgc (acquired from the pool, used by one goroutine); between the
+//     ReceiveMessage calls pgconn sees the connection idle.
+//   - CopyFrom writes through pgconn's own Frontend; sendBatch writes to pgc.Conn()
+//     directly, so it first calls SyncConn (pgconn's documented precondition for
+//     direct use: no buffered read, no background reader), which is free on an idle
+//     connection.
+//   - CopyFrom watches ctx once, with the connection's configured context watcher.
+//     That watcher is not exported: sendBatch watches ctx once for the whole exchange
+//     with its own ctxwatch.ContextWatcher and pgconn's DeadlineContextWatcherHandler
+//     (a canceled ctx sets a past deadline on the connection; no CancelRequest is
+//     sent, which a configured CancelRequestContextWatcherHandler would do), and
+//     reads with ReceiveMessage(context.Background()) so that pgconn does not watch
+//     ctx again for every message. As in pgconn, a batch that completed before ctx
+//     ended reports its result, and an interrupted one an error wrapping ctx.Err().
+//   - Messages are read with ReceiveMessage, so pgconn still tracks the transaction
+//     status, parameter statuses, notices and OnPgError as for its own queries.
 func sendBatch(ctx context.Context, pgc *pgconn.PgConn, sql string, copies []net.Buffers) (tag string, copiesDone int, err error) {
+	if pgc.IsBusy() {
+		return "", 0, errors.New("pgetl: bug: sendBatch on a busy connection")
+	}
+	if pgc.IsClosed() {
+		// Nothing sent: a lost connection, transient like pgconn's "conn closed".
+		return "", 0, fmt.Errorf("pgetl: batch not sent: %w", net.ErrClosed)
+	}
+	if err := ctx.Err(); err != nil {
+		return "", 0, err
+	}
+	if err := pgc.SyncConn(ctx); err != nil {
+		closeConn(pgc)
+		return "", 0, err
+	}
 	conn := pgc.Conn()
+
 	msg := make(net.Buffers, 0, 2+4*len(copies))
-	q := make([]byte, 0, 5+len(sql)+1+5*2*len(copies))
+	q := make([]byte, 0, 5+len(sql)+1)
 	q = append(q, 'Q', 0, 0, 0, 0)
 	q = append(q, sql...)
 	q = append(q, 0)
 	binary.BigEndian.PutUint32(q[1:], uint32(len(q)-1))
 	msg = append(msg, q)
+	hdrs := make([]byte, 0, 5*len(copies))
 	for _, data := range copies {
 		var n int
 		for _, b := range data {
 			n += len(b)
 		}
-		hdr := binary.BigEndian.AppendUint32([]byte{'d'}, uint32(n+4))
-		msg = append(msg, hdr)
+		// hdrs never grows past its capacity, so earlier headers stay in place.
+		hdrs = binary.BigEndian.AppendUint32(append(hdrs, 'd'), uint32(n+4))
+		msg = append(msg, hdrs[len(hdrs)-5:])
 		msg = append(msg, data...)
-		msg = append(msg, []byte{'c', 0, 0, 0, 4})
+		msg = append(msg, copyDoneMsg)
 	}
 
-	// A canceled ctx interrupts a blocked write the way pgconn interrupts reads.
-	stop := context.AfterFunc(ctx, func() { _ = conn.SetWriteDeadline(time.Unix(1, 0)) })
-	werr := make(chan error, 1)
+	// One watch for the whole exchange: a canceled ctx interrupts the blocked write
+	// and read alike.
+	watch := ctxwatch.NewContextWatcher(&pgconn.DeadlineContextWatcherHandler{Conn: conn})
+	watch.Watch(ctx)
+	// The first side to fail closes the connection, which fails the other side:
+	// its error is the cause.
+	var (
+		failOnce sync.Once
+		failErr  error
+	)
+	fail := func(err error) {
+		failOnce.Do(func() {
+			failErr = err
+			_ = conn.Close()
+		})
+	}
+	wdone := make(chan struct{})
 	go func() {
-		_, err := msg.WriteTo(conn)
-		werr <- err
+		defer close(wdone)
+		if err := writeChunked(conn, msg); err != nil {
+			// Fatal for the connection: close it now so the reader's blocked read
+			// fails, as pgconn's CopyFrom does.
+			fail(err)
+		}
 	}()
 
 	var pgErr error
 	for {
-		m, rerr := pgc.ReceiveMessage(ctx)
+		m, rerr := pgc.ReceiveMessage(context.Background())
 		if rerr != nil {
-			err = rerr
+			// The protocol state is unknown: close, which unblocks the writer.
+			fail(rerr)
 			break
 		}
+		done := false
 		switch m := m.(type) {
 		case *pgproto3.CommandComplete:
 			tag = string(m.CommandTag)
@@ -79,27 +161,21 @@ func sendBatch(ctx context.Context, pgc *pgconn.PgConn, sql string, copies []net
 			if pgErr == nil {
 				pgErr = pgconn.ErrorResponseToPgError(m)
 			}
+		case *pgproto3.ReadyForQuery:
+			done = true
 		}
-		if _, ok := m.(*pgproto3.ReadyForQuery); ok {
+		if done {
 			break
 		}
 	}
+	<-wdone
+	err = failErr   // written before wdone closed or by this goroutine
+	watch.Unwatch() // clears the deadline if ctx ended
 	if err != nil {
-		// Unblock the writer, then close: the protocol state is unknown.
-		_ = conn.SetDeadline(time.Unix(1, 0))
-	}
-	if e := <-werr; e != nil && err == nil {
-		err = e
-	}
-	if !stop() && err == nil {
-		// ctx ended as the batch finished: the write deadline may be set, so the
-		// connection must not be reused.
-		err = ctx.Err()
-	}
-	if err != nil {
-		cctx, cancel := context.WithTimeout(context.Background(), time.Second)
-		_ = pgc.Close(cctx)
-		cancel()
+		if ctxErr := ctx.Err(); ctxErr != nil {
+			err = &interruptedError{ctxErr: ctxErr, err: err}
+		}
+		closeConn(pgc)
 		if pgErr != nil {
 			// A FATAL error (the server ending the session) arrives before the
 			// connection drops: report it, it classifies the failure.
@@ -112,3 +188,62 @@ func sendBatch(ctx context.Context, pgc *pgconn.PgConn, sql string, copies []net
 	}
 	return tag, copiesDone, nil
 }
+
+// copyDoneMsg is the protocol's CopyDone message.
+var copyDoneMsg = []byte{'c', 0, 0, 0, 4}
+
+// writeChunked writes bufs to w in writes of exactly wireChunk bytes but the last:
+// pieces are gathered in a pooled chunk buffer, and whole wireChunk slices of a
+// large piece are written from the piece itself when the chunk buffer is empty.
+func writeChunked(w net.Conn, bufs net.Buffers) error {
+	p := wireBufs.Get().(*[]byte)
+	defer wireBufs.Put(p)
+	chunk := (*p)[:0]
+	for _, b := range bufs {
+		for len(b) > 0 {
+			if len(chunk) == 0 && len(b) >= wireChunk {
+				if _, err := w.Write(b[:wireChunk]); err != nil {
+					return err
+				}
+				b = b[wireChunk:]
+				continue
+			}
+			n := min(len(b), wireChunk-len(chunk))
+			chunk = append(chunk, b[:n]...)
+			b = b[n:]
+			if len(chunk) == wireChunk {
+				if _, err := w.Write(chunk); err != nil {
+					return err
+				}
+				chunk = chunk[:0]
+			}
+		}
+	}
+	if len(chunk) > 0 {
+		if _, err := w.Write(chunk); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// closeConn closes pgc after a failed exchange, without waiting on the network for
+// longer than a second.
+func closeConn(pgc *pgconn.PgConn) {
+	cctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	_ = pgc.Close(cctx)
+	cancel()
+}
+
+// interruptedError is a transport failure caused by the caller's context ending:
+// it wraps both, so errors.Is(err, context.Canceled) holds as for pgconn's own
+// timeouts.
+type interruptedError struct {
+	ctxErr, err error
+}
+
+func (e *interruptedError) Error() string {
+	return fmt.Sprintf("pgetl: batch interrupted: %v (%v)", e.ctxErr, e.err)
+}
+
+func (e *interruptedError) Unwrap() []error { return []error{e.ctxErr, e.err} }
