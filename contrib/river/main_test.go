@@ -15,8 +15,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/pgetl/pgetl/contrib/river/internal/dbtest"
 	"github.com/pgetl/pgetl/contrib/river/internal/products"
+	"github.com/pgetl/pgetl/internal/pgtest"
 )
 
 // envHelper, when set in a subprocess of the test binary, makes TestMain run a
@@ -36,7 +36,7 @@ func TestMain(m *testing.M) {
 	if spec := os.Getenv(envHelper); spec != "" {
 		os.Exit(runHelperWorker(spec))
 	}
-	dbtest.Main(m)
+	pgtest.Main(m)
 }
 
 // runHelperWorker is a worker process: products.Work (what the command's worker
@@ -182,4 +182,27 @@ func (p *proc) stop(grace time.Duration) error {
 func (p *proc) kill() {
 	_ = p.cmd.Process.Kill()
 	<-p.done
+}
+
+// eventually polls cond every interval until it returns true (returns nil), returns
+// an error (returns it), or timeout passes (returns an error naming what).
+func eventually(ctx context.Context, timeout, interval time.Duration, what string, cond func() (bool, error)) error {
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	for {
+		ok, err := cond()
+		if err != nil {
+			return err
+		}
+		if ok {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("timed out after %v waiting for %s", timeout, what)
+		case <-t.C:
+		}
+	}
 }

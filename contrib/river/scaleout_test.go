@@ -13,16 +13,17 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	pgetlriver "github.com/pgetl/pgetl/contrib/river"
-	"github.com/pgetl/pgetl/contrib/river/internal/dbtest"
 	"github.com/pgetl/pgetl/contrib/river/internal/products"
+	"github.com/pgetl/pgetl/internal/pgtest"
+	"github.com/pgetl/pgetl/internal/workload"
 )
 
 // setupJob migrates River into the test's schema, creates the products table there
 // and enqueues rows 1..rows in parts partitions. pgetl's checkpoint table lives in
 // the test's schema too.
-func setupJob(t *testing.T, db *dbtest.DB, rows int64, parts int) (products.Config, products.Job) {
+func setupJob(t *testing.T, db *pgtest.DB, rows int64, parts int) (products.Config, products.Job) {
 	t.Helper()
-	cfg := products.Config{URL: db.URL, RiverSchema: db.Schema, CheckpointSchema: db.Schema}
+	cfg := products.Config{URL: db.BaseURL, RiverSchema: db.Schema, CheckpointSchema: db.Schema}
 	job := products.Job{Name: "products", Table: db.Qualified("products"), Rows: rows, Partitions: parts}
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
@@ -36,7 +37,7 @@ func setupJob(t *testing.T, db *dbtest.DB, rows int64, parts int) (products.Conf
 	return cfg, job
 }
 
-func progressOf(ctx context.Context, t *testing.T, db *dbtest.DB, job string) pgetlriver.Progress {
+func progressOf(ctx context.Context, t *testing.T, db *pgtest.DB, job string) pgetlriver.Progress {
 	t.Helper()
 	p, err := pgetlriver.ReadProgress(ctx, db.Pool, pgetlriver.ProgressConfig{RiverSchema: db.Schema, CheckpointSchema: db.Schema}, job)
 	if err != nil {
@@ -46,10 +47,10 @@ func progressOf(ctx context.Context, t *testing.T, db *dbtest.DB, job string) pg
 }
 
 // waitFinished polls the job's progress until every partition is done.
-func waitFinished(ctx context.Context, t *testing.T, db *dbtest.DB, job string, timeout time.Duration) pgetlriver.Progress {
+func waitFinished(ctx context.Context, t *testing.T, db *pgtest.DB, job string, timeout time.Duration) pgetlriver.Progress {
 	t.Helper()
 	var p pgetlriver.Progress
-	err := dbtest.Eventually(ctx, timeout, 50*time.Millisecond, "job "+job+" to finish", func() (bool, error) {
+	err := eventually(ctx, timeout, 50*time.Millisecond, "job "+job+" to finish", func() (bool, error) {
 		var err error
 		p, err = pgetlriver.ReadProgress(ctx, db.Pool, pgetlriver.ProgressConfig{RiverSchema: db.Schema, CheckpointSchema: db.Schema}, job)
 		if err == nil && p.Failed > 0 {
@@ -65,10 +66,10 @@ func waitFinished(ctx context.Context, t *testing.T, db *dbtest.DB, job string, 
 
 // checkExact checks the table holds rows 1..rows at version 1, each once, and the
 // checkpoints count each row once.
-func checkExact(ctx context.Context, t *testing.T, db *dbtest.DB, rows int64, p pgetlriver.Progress) {
+func checkExact(ctx context.Context, t *testing.T, db *pgtest.DB, rows int64, p pgetlriver.Progress) {
 	t.Helper()
-	wantN, wantSum := products.Checksum(rows, 1)
-	n, sum, err := products.QueryChecksum(ctx, db.Pool, db.Ident("products"))
+	wantN, wantSum := workload.Checksum(rows, 1)
+	n, sum, err := workload.QueryChecksum(ctx, db.Pool, db.Ident("products"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -84,7 +85,7 @@ func checkExact(ctx context.Context, t *testing.T, db *dbtest.DB, rows int64, p 
 // mid-partition; River's rescuer re-delivers its partition to another worker, which
 // resumes from the checkpoint; the table ends exactly as the generator's rows.
 func TestCrashRedelivery(t *testing.T) {
-	db := dbtest.New(t)
+	db := pgtest.NewShort(t)
 	const rows, parts = 24000, 12
 	cfg, job := setupJob(t, db, rows, parts)
 	opts := products.WorkerOptions{
@@ -108,7 +109,7 @@ func TestCrashRedelivery(t *testing.T) {
 	// on a worker that is not River's leader if there is one (killing the leader
 	// also delays the rescue by a leader election, ~15s more).
 	var victim pgetlriver.PartitionProgress
-	err := dbtest.Eventually(ctx, 60*time.Second, 10*time.Millisecond, "a partition in progress", func() (bool, error) {
+	err := eventually(ctx, 60*time.Second, 10*time.Millisecond, "a partition in progress", func() (bool, error) {
 		p := progressOf(ctx, t, db, job.Name)
 		var leader string
 		_ = db.Pool.QueryRow(ctx, `SELECT leader_id FROM `+db.Ident("river_leader")).Scan(&leader)
@@ -136,7 +137,7 @@ func TestCrashRedelivery(t *testing.T) {
 	dead := ws[victim.AttemptedBy]
 	// Kill it mid-batch: once it has read half a batch (100 of 200 rows) past a
 	// commit, so uncommitted rows are lost with it.
-	err = dbtest.Eventually(ctx, 10*time.Second, time.Millisecond, "the victim to be mid-batch", func() (bool, error) {
+	err = eventually(ctx, 10*time.Second, time.Millisecond, "the victim to be mid-batch", func() (bool, error) {
 		idx, err := strconv.ParseInt(strings.TrimPrefix(victim.Partition, "p"), 10, 64)
 		from := victim.RowsTotal*idx + 1 // equal partitions
 		r := dead.lastRow(victim.Partition) - from + 1
@@ -153,7 +154,7 @@ func TestCrashRedelivery(t *testing.T) {
 	// The dead worker's backends go with its sockets; once no transaction of the
 	// partition is in flight, its checkpoint is what the dead worker committed.
 	name := job.Name + "/" + victim.Partition
-	err = dbtest.Eventually(ctx, 20*time.Second, 10*time.Millisecond, "the dead worker's transactions to end", func() (bool, error) {
+	err = eventually(ctx, 20*time.Second, 10*time.Millisecond, "the dead worker's transactions to end", func() (bool, error) {
 		var n int64
 		err := db.Pool.QueryRow(ctx, `SELECT count(*) FROM pg_stat_activity WHERE starts_with(application_name, $1)`, "pgetl "+name+"#").Scan(&n)
 		return n == 0, err
@@ -172,7 +173,7 @@ func TestCrashRedelivery(t *testing.T) {
 
 	// River's rescuer re-delivers the partition to another worker.
 	var again pgetlriver.PartitionProgress
-	err = dbtest.Eventually(ctx, 90*time.Second, 20*time.Millisecond, "the partition's re-delivery", func() (bool, error) {
+	err = eventually(ctx, 90*time.Second, 20*time.Millisecond, "the partition's re-delivery", func() (bool, error) {
 		for _, pp := range progressOf(ctx, t, db, job.Name).Parts {
 			if pp.Partition == victim.Partition && pp.AttemptedBy != dead.id && pp.AttemptedBy != "" {
 				again = pp
@@ -250,7 +251,7 @@ func TestThroughput(t *testing.T) {
 	var rates []string
 	for k := 1; k <= 3; k++ {
 		t.Run(fmt.Sprintf("workers=%d", k), func(t *testing.T) {
-			db := dbtest.New(t)
+			db := pgtest.NewShort(t)
 			cfg, job := setupJob(t, db, rows, parts)
 			ps := make([]*proc, 0, k)
 			for i := 1; i <= k; i++ {
@@ -294,7 +295,7 @@ func TestThroughput(t *testing.T) {
 // TestEnqueueAndProgress: enqueueing twice inserts each partition once; progress
 // sums what River and the checkpoints say; bad partitions are refused.
 func TestEnqueueAndProgress(t *testing.T) {
-	db := dbtest.New(t)
+	db := pgtest.NewShort(t)
 	cfg, job := setupJob(t, db, 1000, 4)
 	ctx := context.Background()
 	n, err := products.Enqueue(ctx, cfg, job)

@@ -13,8 +13,9 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/pgetl/pgetl"
 	pgetlriver "github.com/pgetl/pgetl/contrib/river"
-	"github.com/pgetl/pgetl/contrib/river/internal/dbtest"
 	"github.com/pgetl/pgetl/contrib/river/internal/products"
+	"github.com/pgetl/pgetl/internal/pgtest"
+	"github.com/pgetl/pgetl/internal/workload"
 	"github.com/riverqueue/river"
 	"github.com/riverqueue/river/riverdriver/riverpgxv5"
 	"github.com/riverqueue/river/rivertype"
@@ -22,7 +23,7 @@ import (
 
 const lease = 2 * time.Second
 
-func insertOnlyClient(t *testing.T, db *dbtest.DB) *river.Client[pgx.Tx] {
+func insertOnlyClient(t *testing.T, db *pgtest.DB) *river.Client[pgx.Tx] {
 	t.Helper()
 	c, err := river.NewClient(riverpgxv5.New(db.Pool), &river.Config{Schema: db.Schema})
 	if err != nil {
@@ -31,16 +32,16 @@ func insertOnlyClient(t *testing.T, db *dbtest.DB) *river.Client[pgx.Tx] {
 	return c
 }
 
-func createTable(t *testing.T, db *dbtest.DB) {
+func createTable(t *testing.T, db *pgtest.DB) {
 	t.Helper()
-	if _, err := db.Pool.Exec(context.Background(), products.CreateSQL(db.Ident("products"))); err != nil {
+	if _, err := db.Pool.Exec(context.Background(), workload.CreateSQL(db.Ident("products"), true)); err != nil {
 		t.Fatal(err)
 	}
 }
 
-func newPool(t *testing.T, db *dbtest.DB) *pgxpool.Pool {
+func newPool(t *testing.T, db *pgtest.DB) *pgxpool.Pool {
 	t.Helper()
-	pool, err := pgetl.NewPool(context.Background(), db.URL)
+	pool, err := pgetl.NewPool(context.Background(), db.BaseURL)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -50,10 +51,10 @@ func newPool(t *testing.T, db *dbtest.DB) *pgxpool.Pool {
 
 // newWorker returns a products worker (insert, 100 rows per batch) whose loader
 // calls gate(p, i) before adding row i.
-func newWorker(t *testing.T, db *dbtest.DB, pool *pgxpool.Pool, gate func(p *pgetlriver.Partition, i int64) error) *pgetlriver.Worker {
+func newWorker(t *testing.T, db *pgtest.DB, pool *pgxpool.Pool, gate func(p *pgetlriver.Partition, i int64) error) *pgetlriver.Worker {
 	t.Helper()
 	load := func(ctx context.Context, p *pgetlriver.Partition) error {
-		row := func(i int64, dst []any) []any { return products.AppendRow(dst, i, 1) }
+		row := func(i int64, dst []any) []any { return workload.Row(i, 1).AppendValues(dst) }
 		return pgetlriver.RangeLoader(func(i int64, dst []any) []any {
 			if err := gate(p, i); err != nil {
 				panic(err) // surfaces as a test failure through the recover below
@@ -66,7 +67,7 @@ func newWorker(t *testing.T, db *dbtest.DB, pool *pgxpool.Pool, gate func(p *pge
 		CheckpointSchema: db.Schema,
 		Lease:            lease,
 		Batch: func(pgetlriver.PartitionArgs) (pgetl.BatchConfig, error) {
-			return pgetl.BatchConfig{Table: db.Qualified("products"), Columns: products.Columns, CommitRows: 100}, nil
+			return pgetl.BatchConfig{Table: db.Qualified("products"), Columns: workload.Columns, CommitRows: 100}, nil
 		},
 		Load: func(ctx context.Context, p *pgetlriver.Partition) (err error) {
 			defer func() {
@@ -95,10 +96,10 @@ func snoozeOf(err error) (time.Duration, bool) {
 	return 0, false
 }
 
-func checkTable(ctx context.Context, t *testing.T, db *dbtest.DB, rows int64, job string) {
+func checkTable(ctx context.Context, t *testing.T, db *pgtest.DB, rows int64, job string) {
 	t.Helper()
-	wantN, wantSum := products.Checksum(rows, 1)
-	n, sum, err := products.QueryChecksum(ctx, db.Pool, db.Ident("products"))
+	wantN, wantSum := workload.Checksum(rows, 1)
+	n, sum, err := workload.QueryChecksum(ctx, db.Pool, db.Ident("products"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -115,7 +116,7 @@ func checkTable(ctx context.Context, t *testing.T, db *dbtest.DB, rows int64, jo
 // once. One run claims the partition and loads it; the other finds it claimed and
 // snoozes for the rest of the lease, without loading a row. The table is exact.
 func TestDuplicateDelivery(t *testing.T) {
-	db := dbtest.New(t)
+	db := pgtest.NewShort(t)
 	createTable(t, db)
 	pool := newPool(t, db)
 	firstReturned := make(chan struct{})
@@ -176,7 +177,7 @@ func TestDuplicateDelivery(t *testing.T) {
 // it over (Takeover). The worker's next commit is fenced: it commits nothing more
 // and snoozes for a lease. The next delivery resumes from the checkpoint.
 func TestFencedMidPartition(t *testing.T) {
-	db := dbtest.New(t)
+	db := pgtest.NewShort(t)
 	createTable(t, db)
 	pool := newPool(t, db)
 	args := pgetlriver.PartitionArgs{Job: "fence", Partition: "p0", From: 1, To: 2000}
@@ -218,7 +219,7 @@ func TestFencedMidPartition(t *testing.T) {
 // on a real River client: each ends with JobSnooze(0) and the next resumes from the
 // checkpoint, without using up attempts.
 func TestTimeSlices(t *testing.T) {
-	db := dbtest.New(t)
+	db := pgtest.NewShort(t)
 	cfg, job := setupJob(t, db, 3000, 1)
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
@@ -249,8 +250,8 @@ func TestTimeSlices(t *testing.T) {
 // TestPgBouncer: workers through PgBouncer in transaction mode (River poll-only,
 // pgetl_pooler=pgbouncer) load a job exactly.
 func TestPgBouncer(t *testing.T) {
-	bouncer := dbtest.PgBouncerURL(t)
-	db := dbtest.New(t)
+	bouncer := pgtest.PgBouncerURL(t)
+	db := pgtest.NewShort(t)
 	_, job := setupJob(t, db, 8000, 4) // migrates River through the direct URL
 	cfg := products.Config{URL: bouncer, PgBouncer: true, RiverSchema: db.Schema, CheckpointSchema: db.Schema}
 	ctx, cancel := context.WithCancel(context.Background())

@@ -155,6 +155,21 @@ type DB struct {
 // schema. The schema and the pool are removed in t.Cleanup.
 func New(t testing.TB) *DB {
 	t.Helper()
+	return newDB(t, 40)
+}
+
+// NewShort is New with a schema name of at most 40 bytes (New's may reach about 55),
+// for tools that build longer identifiers from the schema's name: River's
+// Config.Schema takes at most 46 bytes.
+func NewShort(t testing.TB) *DB {
+	t.Helper()
+	return newDB(t, 0)
+}
+
+// newDB is New with the test's name cut to maxName bytes in the schema's name; 0
+// cuts it so the whole name fits in 40 bytes.
+func newDB(t testing.TB, maxName int) *DB {
+	t.Helper()
 	base := URL(t)
 	name := strings.ToLower(t.Name())
 	name = strings.Map(func(r rune) rune {
@@ -163,10 +178,14 @@ func New(t testing.TB) *DB {
 		}
 		return '_'
 	}, name)
-	if len(name) > 40 {
-		name = name[:40]
+	suffix := fmt.Sprintf("_%d_%d", os.Getpid(), seq.Add(1))
+	if maxName == 0 {
+		maxName = max(1, 40-len("t_")-len(suffix))
 	}
-	schema := fmt.Sprintf("t_%s_%d_%d", name, os.Getpid(), seq.Add(1))
+	if len(name) > maxName {
+		name = name[:maxName]
+	}
+	schema := "t_" + name + suffix
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	admin, err := pgx.Connect(ctx, base)
@@ -205,6 +224,10 @@ func New(t testing.TB) *DB {
 
 // Ident returns name qualified with the test's schema, quoted for SQL.
 func (db *DB) Ident(name string) string { return pgx.Identifier{db.Schema, name}.Sanitize() }
+
+// Qualified returns name qualified with the test's schema, unquoted ("schema.name"),
+// as pgetl's BatchConfig.Table takes it.
+func (db *DB) Qualified(name string) string { return db.Schema + "." + name }
 
 // Exec runs sql on the test's pool and fails the test on error.
 func (db *DB) Exec(t testing.TB, sql string, args ...any) {

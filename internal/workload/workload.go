@@ -71,6 +71,12 @@ func CreateSQL(table string, autovacuum bool) string {
 	return fmt.Sprintf(CreateTableNoAutovacuumSQL, table)
 }
 
+// CreateIfMissingSQL is [CreateTableSQL] with IF NOT EXISTS, for table (already
+// quoted): for a job that may run again on a table it loaded before.
+func CreateIfMissingSQL(table string) string {
+	return "CREATE TABLE IF NOT EXISTS " + fmt.Sprintf(CreateTableSQL[len("CREATE TABLE "):], table)
+}
+
 // ChecksumSQL computes (count bigint, sum text) of a products table in the form of
 // [Sum]; its %s is the table's name. An empty table gives (0, "0").
 const ChecksumSQL = `SELECT count(*), coalesce(sum(('x' || substr(md5(

@@ -229,3 +229,36 @@ func TestChecksumMatchesDatabase(t *testing.T) {
 		check(t, table, wantN, wantSum)
 	})
 }
+
+// TestGeneratorMatchesFormulas checks the generator against the formulas of the
+// package doc evaluated by the server: a table filled by generate_series with the
+// formulas has the generator's checksum, and so does one loaded with Row.
+func TestGeneratorMatchesFormulas(t *testing.T) {
+	t.Parallel()
+	db := pgtest.New(t)
+	ctx := context.Background()
+	const n, v = 5000, 3
+	for _, tbl := range []string{"by_sql", "by_go"} {
+		db.Exec(t, CreateIfMissingSQL(db.Ident(tbl)))
+	}
+	db.Exec(t, fmt.Sprintf(`INSERT INTO %s (sku, name, price, inventory, updated_at)
+		SELECT 'SKU-' || lpad(i::text, 7, '0'), 'Product ' || i || ' v' || %[2]d,
+			((i * 7919 + %[2]d * 1013) %% 10000000) / 100.0, (i * 31 + %[2]d) %% 10000,
+			to_timestamp(1704067200 + i + %[2]d * 1000000)
+		FROM generate_series(1, %d) i`, db.Ident("by_sql"), v, n))
+	rows := make([][]any, 0, n)
+	for i := int64(1); i <= n; i++ {
+		rows = append(rows, Row(i, v).Values())
+	}
+	_, err := db.Pool.CopyFrom(ctx, pgx.Identifier{db.Schema, "by_go"}, Columns, pgx.CopyFromRows(rows))
+	require.NoError(t, err)
+	wantN, wantSum := Checksum(n, v)
+	for _, tbl := range []string{"by_sql", "by_go"} {
+		gotN, gotSum, err := QueryChecksum(ctx, db.Pool, db.Ident(tbl))
+		require.NoError(t, err)
+		require.Equal(t, wantN, gotN, tbl)
+		require.Equal(t, wantSum, gotSum, tbl)
+	}
+	_, other := Checksum(n, v+1)
+	require.NotEqual(t, wantSum, other, "checksums of two versions")
+}

@@ -1,3 +1,8 @@
+// Package products is the products example job split into key-range partitions:
+// the coordinator and the worker that the command cmd/products-partitioned and the
+// tests run. Its rows are those of the core module's internal/workload (which this
+// module imports: Go's internal rule is by import path), so a table loaded here has
+// the same checksum as one loaded by examples/products.
 package products
 
 import (
@@ -16,6 +21,7 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/pgetl/pgetl"
 	pgetlriver "github.com/pgetl/pgetl/contrib/river"
+	"github.com/pgetl/pgetl/internal/workload"
 	"github.com/riverqueue/river"
 	"github.com/riverqueue/river/riverdriver/riverpgxv5"
 )
@@ -184,7 +190,7 @@ func Enqueue(ctx context.Context, cfg Config, job Job) (inserted int, err error)
 		parts[i].Source = job.source()
 	}
 	err = pgx.BeginFunc(ctx, pool, func(tx pgx.Tx) error {
-		if _, err := tx.Exec(ctx, CreateSQL(tableIdent(job.Table))); err != nil {
+		if _, err := tx.Exec(ctx, workload.CreateIfMissingSQL(tableIdent(job.Table))); err != nil {
 			return fmt.Errorf("products: create table %s: %w", job.Table, err)
 		}
 		res, err := pgetlriver.EnqueuePartitions(ctx, tx, client, job.Name, parts)
@@ -313,7 +319,7 @@ func progressLine(p pgetlriver.Progress, elapsed time.Duration) string {
 // NewWorker returns the products partition worker.
 func NewWorker(cfg Config, pool *pgxpool.Pool, o WorkerOptions) (*pgetlriver.Worker, error) {
 	row := func(v int64) func(int64, []any) []any {
-		return func(i int64, dst []any) []any { return AppendRow(dst, i, v) }
+		return func(i int64, dst []any) []any { return workload.Row(i, v).AppendValues(dst) }
 	}
 	return pgetlriver.NewWorker(pgetlriver.WorkerConfig{
 		Pool:             pool,
@@ -322,7 +328,7 @@ func NewWorker(cfg Config, pool *pgxpool.Pool, o WorkerOptions) (*pgetlriver.Wor
 		Logger:           cfg.Logger,
 		Batch: func(a pgetlriver.PartitionArgs) (pgetl.BatchConfig, error) {
 			t, err := parseSource(a.Source)
-			bc := pgetl.BatchConfig{Table: t.table, Columns: Columns, CommitRows: o.CommitRows}
+			bc := pgetl.BatchConfig{Table: t.table, Columns: workload.Columns, CommitRows: o.CommitRows}
 			if t.upsert {
 				bc.Key = []string{"sku"}
 			}
@@ -353,7 +359,7 @@ func throttled(ctx context.Context, p *pgetlriver.Partition, row func(int64, []a
 		from = max(from, n+1)
 	}
 	start := time.Now()
-	vals := make([]any, 0, len(Columns))
+	vals := make([]any, 0, len(workload.Columns))
 	for i := from; i <= p.Args.To; i++ {
 		if o.RowsPerSecond > 0 && (i-from)%50 == 0 {
 			// Pace the simulated source: row k of this attempt is due at start + k/rate.
