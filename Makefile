@@ -8,8 +8,13 @@ GO ?= go
 # staticcheck runs through go run, so no binary needs installing.
 STATICCHECK ?= honnef.co/go/tools/cmd/staticcheck@v0.8.2
 
-# Packages holding the benchmark suite that make bench measures.
-BENCH_PKGS ?= .
+# Every module of the repository (a directory with a go.mod): the core module ".",
+# then the nested ones (test kit, examples, cmd/pgetl, contrib/river). Each target
+# below runs in each of them; a failure in one still runs the others, then fails.
+MODULES := . $(sort $(patsubst ./%/go.mod,%,$(shell find . -mindepth 2 -name go.mod -not -path './.git/*')))
+
+# Packages, in every module, holding the benchmark suite that make bench measures.
+BENCH_PKGS ?= ./...
 # Benchmarks to run (go test -bench regexp), runs of each, and the report's baseline.
 BENCH ?= .
 BENCH_COUNT ?= 5
@@ -19,41 +24,52 @@ BENCH_OUT ?= bench.out
 # The demo job: examples/products once it exists, else examples/demo.
 DEMO := $(if $(wildcard examples/products),products,demo)
 
-.PHONY: all test bench bench-ci lint fmt demo tidy
+# each runs its shell command in every module's directory (with $$m set to it), goes
+# on after a failure, and fails at the end naming the modules that failed.
+define each
+	@failed=""; for m in $(MODULES); do \
+		echo "== $$m: $(strip $(1))"; \
+		( cd "$$m" && $(1) ) || failed="$$failed $$m"; \
+	done; \
+	if [ -n "$$failed" ]; then echo "failed in:$$failed"; exit 1; fi
+endef
+
+.PHONY: all test bench bench-ci lint fmt demo tidy modules
 
 all: lint test
 
-## test: the whole test suite (core and contrib/river) with the race detector, against real PostgreSQL.
+## test: the whole test suite of every module with the race detector, against real PostgreSQL.
 test:
-	$(GO) test -race -count=1 -timeout 60m ./...
-	cd contrib/river && $(GO) test -race -count=1 -timeout 10m ./...
+	$(call each,$(GO) test -race -count=1 -timeout 60m ./...)
 
-## bench: the benchmark suite, -count $(BENCH_COUNT), then the ratio table.
+## bench: the benchmark suite of every module, -count $(BENCH_COUNT), then the ratio table.
 bench:
-	$(GO) test -run '^$$' -bench '$(BENCH)' -benchmem -count $(BENCH_COUNT) -timeout 120m $(BENCH_PKGS) | tee $(BENCH_OUT)
+	@rm -f $(BENCH_OUT)
+	$(call each,$(GO) test -run '^$$' -bench '$(BENCH)' -benchmem -count $(BENCH_COUNT) -timeout 120m $(BENCH_PKGS) | tee -a "$(CURDIR)/$(BENCH_OUT)")
 	$(GO) run ./internal/benchreport -baseline '$(BENCH_BASELINE)' $(BENCH_OUT)
 
-## bench-ci: every benchmark once at reduced sizes: checked to work, not timed.
+## bench-ci: every benchmark of every module once at reduced sizes: checked to work, not timed.
 bench-ci:
-	PGETL_BENCH_SMALL=1 $(GO) test -run '^$$' -bench . -benchtime=1x -timeout 30m ./...
+	$(call each,PGETL_BENCH_SMALL=1 $(GO) test -run '^$$' -bench . -benchtime=1x -timeout 30m ./...)
 
-## lint: gofmt, go vet and staticcheck.
+## lint: gofmt (every file), then go vet and staticcheck in every module.
 lint:
 	@unformatted="$$(gofmt -l .)"; \
 	if [ -n "$$unformatted" ]; then echo "gofmt: these files need formatting (make fmt):"; echo "$$unformatted"; exit 1; fi
-	$(GO) vet ./...
-	$(GO) run $(STATICCHECK) ./...
-	cd contrib/river && $(GO) vet ./... && $(GO) run $(STATICCHECK) ./...
+	$(call each,$(GO) vet ./... && $(GO) run $(STATICCHECK) ./...)
 
 ## fmt: format every Go file.
 fmt:
 	gofmt -w .
 
-## demo: run the example job against DATABASE_URL or libpq defaults.
+## demo: run the example job (module examples/) against DATABASE_URL or libpq defaults.
 demo:
-	$(GO) run ./examples/$(DEMO)
+	$(GO) -C examples run ./$(DEMO)
 
-## tidy: tidy go.mod and go.sum.
+## tidy: tidy go.mod and go.sum of every module.
 tidy:
-	$(GO) mod tidy
-	cd contrib/river && $(GO) mod tidy
+	$(call each,$(GO) mod tidy)
+
+## modules: list the modules the targets loop over.
+modules:
+	@echo $(MODULES)
