@@ -240,11 +240,11 @@ func (b *BatchSession) statementAttempt(ctx context.Context, conn *pgx.Conn, seq
 	s := b.s
 	batch := &pgx.Batch{}
 	batch.Queue("BEGIN")
-	for _, stmt := range s.guardStmts(seq) {
-		batch.Queue(stmt)
-	}
+	gq, gargs := s.guardQuery(seq)
+	batch.Queue(gq, gargs...)
 	if !probe {
-		batch.Queue(strings.TrimSuffix(s.advanceSQL(seq, cursor, rows, int64(len(rejects))), ";")) // the fence first
+		aq, aargs := s.advanceQuery(seq, cursor, rows, int64(len(rejects)))
+		batch.Queue(aq, aargs...) // the fence first
 	}
 	first := batch.Len()
 	for _, i := range sel {

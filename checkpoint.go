@@ -348,6 +348,13 @@ func (s *Session) advanceSQL(seq int64, cursor *string, rows, rejects int64) str
 		s.schema, quoteLiteral(s.cfg.Job), quoteLiteral(s.owner), seq, c, rows, rejects, s.cfg.Lease.Milliseconds())
 }
 
+// advanceQuery is advanceSQL as a parameterized statement, whose text is the same
+// for every batch (the statement path: prepared once per connection).
+func (s *Session) advanceQuery(seq int64, cursor *string, rows, rejects int64) (string, []any) {
+	return "SELECT " + s.schema + ".advance($1, $2, $3, $4, $5, $6, $7::interval)",
+		[]any{s.cfg.Job, s.owner, seq, cursor, rows, rejects, s.cfg.Lease}
+}
+
 // adjustSQL returns the statement that corrects the counts and cursor recorded by
 // advanceSQL(seq, …) later in the same transaction (the row is already locked by
 // it).

@@ -2,6 +2,7 @@ package pgetl
 
 import (
 	"fmt"
+	"strconv"
 	"strings"
 	"time"
 )
@@ -25,36 +26,55 @@ type Guards struct {
 	ServerKeepalive *Keepalive
 }
 
-// guardStmts returns the SET LOCAL statements of a transaction committing batch seq.
-// They are SET LOCAL, not SELECT set_config(…): a SELECT takes the transaction's
-// snapshot, after which fn in Session.Tx could no longer SET TRANSACTION ISOLATION
-// LEVEL (25001); SET takes none. (One SELECT instead of several SETs measured no
-// faster.)
-func (s *Session) guardStmts(seq int64) []string {
-	var stmts []string
+// guardSettings returns the settings of a transaction committing unit seq, as
+// name and value.
+func (s *Session) guardSettings(seq int64) [][2]string {
+	var out [][2]string
 	g := s.cfg.Guards
 	for _, f := range []struct {
 		name string
 		d    time.Duration
 	}{{"idle_in_transaction_session_timeout", g.IdleInTransactionTimeout}, {"statement_timeout", g.StatementTimeout}, {"lock_timeout", g.LockTimeout}} {
 		if f.d > 0 {
-			stmts = append(stmts, fmt.Sprintf("SET LOCAL %s = %d", f.name, f.d.Milliseconds()))
+			out = append(out, [2]string{f.name, strconv.FormatInt(f.d.Milliseconds(), 10)})
 		}
 	}
 	if s.cfg.AsyncCommit {
-		stmts = append(stmts, "SET LOCAL synchronous_commit = off")
+		out = append(out, [2]string{"synchronous_commit", "off"})
 	}
 	if g.ServerKeepalive != nil {
 		for _, kv := range g.ServerKeepalive.ServerSettings() {
-			stmts = append(stmts, "SET LOCAL "+kv)
+			name, value, _ := strings.Cut(kv, " = ")
+			out = append(out, [2]string{name, value})
 		}
 	}
-	return append(stmts, "SET LOCAL application_name = "+quoteLiteral(s.appName(seq)))
+	return append(out, [2]string{"application_name", s.appName(seq)})
 }
 
-// guardSQL returns guardStmts as one string of statements.
+// guardSQL returns the guards of unit seq as SET LOCAL statements, for the
+// simple-protocol message of a batch and for Session.Tx. They are SET LOCAL, not
+// SELECT set_config(…): a SELECT takes the transaction's snapshot, and SET takes none
+// (one SELECT instead of several SETs measured no faster).
 func (s *Session) guardSQL(seq int64) string {
-	return strings.Join(s.guardStmts(seq), ";") + ";"
+	var b strings.Builder
+	for _, kv := range s.guardSettings(seq) {
+		b.WriteString("SET LOCAL " + kv[0] + " = " + quoteLiteral(kv[1]) + ";")
+	}
+	return b.String()
+}
+
+// guardQuery returns the guards of unit seq as one parameterized statement, for the
+// statement path: its text is the same for every batch, so pgx's statement cache
+// prepares it once per connection instead of once per batch (a round trip each).
+func (s *Session) guardQuery(seq int64) (string, []any) {
+	kvs := s.guardSettings(seq)
+	calls := make([]string, len(kvs))
+	args := make([]any, 0, 2*len(kvs))
+	for i, kv := range kvs {
+		calls[i] = fmt.Sprintf("set_config($%d, $%d, true)", 2*i+1, 2*i+2)
+		args = append(args, kv[0], kv[1])
+	}
+	return "SELECT " + strings.Join(calls, ", "), args
 }
 
 // quoteLiteral quotes s as an SQL string literal in the escape-string form (E'…',
