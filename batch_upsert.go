@@ -4,10 +4,12 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"reflect"
 	"strings"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgtype"
 )
 
 // tableIdent quotes a possibly schema-qualified table name ("sales.orders"); a name
@@ -104,6 +106,9 @@ func (b *BatchSession) describe(ctx context.Context) error {
 		}
 		if cfg.OnlyChanged || len(set) == 0 {
 			return errors.New("pgetl: BatchConfig.KeyCache cannot be combined with OnlyChanged or a Key that is all the Columns")
+		}
+		if err := b.checkKeyType(); err != nil {
+			return err
 		}
 		k := keys[0]
 		var upd []string
@@ -235,4 +240,33 @@ func (b *BatchSession) publishKeys(bt *batch, sel []int) {
 	if len(keys) > 0 {
 		b.cfg.KeyCache.AddKeys(keys)
 	}
+}
+
+// checkKeyType checks, for a KeyCache that knows the Go type of its keys (a
+// [Cache]), that the type is the key column's: the values passed to Add for the key
+// are looked up in the cache as they are, so keys of another type would never be
+// found and every batch would be retried as a merge. Strings may key any text-like
+// column.
+func (b *BatchSession) checkKeyType() error {
+	kt, ok := b.cfg.KeyCache.(interface{ keyGoType() reflect.Type })
+	if !ok {
+		return nil
+	}
+	goType := kt.keyGoType()
+	oid := b.oids[b.keyIx[0]]
+	col, _ := b.m.TypeForOID(oid)
+	if t, ok := b.m.TypeForValue(reflect.Zero(goType).Interface()); ok && t.OID == oid {
+		return nil
+	}
+	if goType.Kind() == reflect.String && col != nil {
+		if _, ok := col.Codec.(pgtype.TextCodec); ok {
+			return nil
+		}
+	}
+	name := fmt.Sprint(oid)
+	if col != nil {
+		name = col.Name
+	}
+	return fmt.Errorf("pgetl: BatchConfig.KeyCache holds keys of Go type %s, which do not match key column %q of type %s: use a Cache whose key type is the column's (and pass keys of that type to Add)",
+		goType, b.cfg.Key[0], name)
 }

@@ -280,3 +280,25 @@ func TestBatchUpsertEdges(t *testing.T) {
 		require.Equal(t, int64(2), cp.Rows)
 	})
 }
+
+func TestKeyCacheTypeMustMatchKeyColumn(t *testing.T) {
+	t.Parallel()
+	bd := setupItems(t)
+	ctx := context.Background()
+	s := bd.session(t, "keytype")
+	wrong, err := NewCache[int32, struct{}](CacheConfig{})
+	require.NoError(t, err)
+	_, err = s.Batch(ctx, BatchConfig{Table: bd.table, Columns: itemCols, Key: []string{"id"}, KeyCache: wrong})
+	require.ErrorContains(t, err, "do not match key column \"id\" of type int8")
+	right, err := NewCache[int64, struct{}](CacheConfig{})
+	require.NoError(t, err)
+	b, err := s.Batch(ctx, BatchConfig{Table: bd.table, Columns: itemCols, Key: []string{"id"}, KeyCache: right})
+	require.NoError(t, err)
+	require.NoError(t, b.Close(ctx))
+	bd.db.Exec(t, "CREATE TABLE named (code varchar(20) PRIMARY KEY, v int NOT NULL)")
+	names, err := NewCache[string, struct{}](CacheConfig{})
+	require.NoError(t, err)
+	b, err = s.Batch(ctx, BatchConfig{Table: bd.db.Schema + ".named", Columns: []string{"code", "v"}, Key: []string{"code"}, KeyCache: names})
+	require.NoError(t, err, "a string key fits a varchar column")
+	require.NoError(t, b.Close(ctx))
+}

@@ -50,8 +50,9 @@ type Querier interface {
 // Lookup names the table a [Cache] mirrors: its key column, whose values are the
 // cache's keys, and its value column (typically the surrogate key).
 type Lookup struct {
-	// Table is the table, written into the SQL as is: it may be schema-qualified
-	// ("public.products"); quote it with [pgx.Identifier.Sanitize] if it needs quoting.
+	// Table is the table, optionally schema-qualified ("public.products"); pgetl
+	// quotes each part, as it does BatchConfig.Table (a name holding a double quote is
+	// taken as already quoted, e.g. pgx.Identifier{"Sales", "my.items"}.Sanitize()).
 	// Required.
 	Table string
 	// Key is the key column (a plain column name, quoted by pgetl). GetOrCreate needs a
@@ -63,15 +64,16 @@ type Lookup struct {
 	// struct{}), which reads only the keys.
 	Value string
 	// KeyType is the SQL type in which keys are sent as an array (keys travel as
-	// $1::KeyType[]). Defaults to "text" for keys whose underlying type is string, "int8"
+	// $1::KeyType[]); it is an SQL type name, written into the SQL as is. Defaults to "text" for keys whose underlying type is string, "int8"
 	// for int, int64 and uint32, "int4" for int32, "int2" for int16, int8 and uint8,
 	// "uuid" for [16]byte; other key types must set it.
 	KeyType string
 	// PageSize is the number of rows each Preload query reads. 0 means the default;
 	// negative is an error. Defaults to LookupPageSizeDefault.
 	PageSize int
-	// Where, if set, is an SQL condition restricting the rows Preload reads (written
-	// into the SQL as is, without placeholders). GetOrCreate ignores it.
+	// Where, if set, is an SQL condition restricting the rows Preload reads (an SQL
+	// expression, written into the SQL as is, without placeholders: never build it
+	// from untrusted input). GetOrCreate ignores it.
 	Where string
 	// InsertColumns are further columns that GetOrCreateFunc fills for the rows it
 	// creates (e.g. a NOT NULL name). GetOrCreate, which inserts the key only, ignores
@@ -457,8 +459,8 @@ func (c *Cache[K, V]) Preload(ctx context.Context, db Querier, src Lookup) error
 	if src.Where != "" {
 		cond = "(" + src.Where + ") AND " + cond
 	}
-	first := fmt.Sprintf("SELECT %s, %s FROM %s WHERE %s ORDER BY %s LIMIT $1", key, val, src.Table, cond, key)
-	next := fmt.Sprintf("SELECT %s, %s FROM %s WHERE %s AND %s > $2 ORDER BY %s LIMIT $1", key, val, src.Table, cond, key, key)
+	first := fmt.Sprintf("SELECT %s, %s FROM %s WHERE %s ORDER BY %s LIMIT $1", key, val, tableIdent(src.Table), cond, key)
+	next := fmt.Sprintf("SELECT %s, %s FROM %s WHERE %s AND %s > $2 ORDER BY %s LIMIT $1", key, val, tableIdent(src.Table), cond, key, key)
 	var last K
 	for page := 0; ; page++ {
 		var rows pgx.Rows
@@ -628,7 +630,7 @@ func (c *Cache[K, V]) create(ctx context.Context, tx pgx.Tx, src Lookup, keyType
 	ON CONFLICT (%[2]s) DO NOTHING RETURNING t.%[2]s, t.%[3]s)
 SELECT %[2]s, %[3]s, true FROM ins
 UNION ALL SELECT t.%[2]s, t.%[3]s, false FROM %[1]s AS t WHERE t.%[2]s = ANY($1::%[4]s[])`,
-			src.Table, key, val, keyType)
+			tableIdent(src.Table), key, val, keyType)
 	} else {
 		cols := make([]string, len(src.InsertColumns))
 		rows := make([]map[string]any, len(missing))
@@ -659,7 +661,7 @@ ins AS (
 	ON CONFLICT (%[2]s) DO NOTHING RETURNING t.%[2]s, t.%[3]s)
 SELECT %[2]s, %[3]s, true FROM ins
 UNION ALL SELECT t.%[2]s, t.%[3]s, false FROM %[1]s AS t WHERE t.%[2]s IN (SELECT %[2]s FROM input)`,
-			src.Table, key, val, strings.Join(cols, ", "))
+			tableIdent(src.Table), key, val, strings.Join(cols, ", "))
 	}
 	got := make(map[K]V, len(missing))
 	var created int64
@@ -701,7 +703,7 @@ UNION ALL SELECT t.%[2]s, t.%[3]s, false FROM %[1]s AS t WHERE t.%[2]s IN (SELEC
 		}
 	}
 	var restArg any = rest
-	restSQL := fmt.Sprintf("SELECT %s, %s FROM %s WHERE %s = ANY($1::%s[])", key, val, src.Table, key, keyType)
+	restSQL := fmt.Sprintf("SELECT %s, %s FROM %s WHERE %s = ANY($1::%s[])", key, val, tableIdent(src.Table), key, keyType)
 	if keyType == "" { // GetOrCreateFunc with a key type only JSON can carry
 		objs := make([]map[string]any, len(rest))
 		for i, k := range rest {
@@ -713,7 +715,7 @@ UNION ALL SELECT t.%[2]s, t.%[3]s, false FROM %[1]s AS t WHERE t.%[2]s IN (SELEC
 		}
 		restArg = string(js)
 		restSQL = fmt.Sprintf("SELECT t.%[2]s, t.%[3]s FROM %[1]s AS t WHERE t.%[2]s IN (SELECT %[2]s FROM jsonb_populate_recordset(NULL::%[1]s, $1::jsonb))",
-			src.Table, key, val)
+			tableIdent(src.Table), key, val)
 	}
 	rows, err = tx.Query(ctx, restSQL, restArg)
 	if err != nil {
@@ -805,6 +807,9 @@ func (c *Cache[K, V]) HasKey(key any) bool {
 	_, ok = c.Get(k)
 	return ok
 }
+
+// keyGoType returns K: a batch checks it against its key column at Batch.
+func (c *Cache[K, V]) keyGoType() reflect.Type { return reflect.TypeFor[K]() }
 
 // AddKeys puts keys (of type K) with V's zero value; as a [KeySet], a batch calls it
 // with the keys it inserted, after its commit. Use it on a Cache of K to struct{}:
