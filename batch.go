@@ -108,6 +108,14 @@ type BatchConfig struct {
 	// that committed it (not the one calling Add), while the session's next commit
 	// waits: it must not block for long, nor call the Session's Tx or Finish.
 	OnCommitFunc func(BatchResult)
+
+	// IgnoreExisting, with Key, leaves rows whose key exists as they are (INSERT …
+	// ON CONFLICT (Key) DO NOTHING): a header row that every detail row of a source
+	// record carries is written once, whichever batches its details land in.
+	IgnoreExisting bool
+	// Lookups resolve columns from natural keys (dimension lookups, get-or-create)
+	// inside the batch's transaction; see [LookupColumn]. Only with Session.Batches.
+	Lookups []LookupColumn
 }
 
 // KeySet is the set of keys that exist in an upsert's target table, as seen by
@@ -140,6 +148,7 @@ type Reject struct {
 	Column     string // the column, when known
 	Constraint string // the violated constraint, when the server named one
 	Values     string // the row as a JSON array
+	Table      string // the table the row was meant for (a BatchSet's tables)
 }
 
 // BatchSession buffers rows and commits them in batches through its [Session]. Add
@@ -165,6 +174,9 @@ type BatchSession struct {
 		update                              string // with a key cache: known rows; append their count and ");"
 	}
 	keyIndexes map[string]bool // names of the unique indexes on Key
+	lookups    []lookupCol     // resolved BatchConfig.Lookups
+	nvals      int             // values Add takes: Columns, then the lookups' attributes
+	part       bool            // a table of a BatchSet: the set commits it
 
 	sendMu sync.Mutex // held while a batch is swapped out and handed to the flusher
 	mu     sync.Mutex // guards cur, err, closed

@@ -64,6 +64,10 @@ func (b *BatchSession) describe(ctx context.Context) error {
 		b.oids = append(b.oids, f.DataTypeOID)
 	}
 	b.sql.copyStmt = "COPY " + b.table + " (" + b.cols + ") FROM STDIN (FORMAT binary);"
+	b.nvals = len(cfg.Columns)
+	if err := b.describeLookups(ctx, conn.Conn()); err != nil {
+		return err
+	}
 	if len(cfg.Key) == 0 {
 		return nil
 	}
@@ -89,7 +93,7 @@ func (b *BatchSession) describe(ctx context.Context) error {
 		keys[i] = pgx.Identifier{k}.Sanitize()
 	}
 	merge := "INSERT INTO " + b.table + " AS t (" + b.cols + ") SELECT " + b.cols + " FROM pgetl_stage ON CONFLICT (" + strings.Join(keys, ", ") + ")"
-	if len(set) == 0 {
+	if len(set) == 0 || cfg.IgnoreExisting {
 		merge += " DO NOTHING"
 	} else {
 		merge += " DO UPDATE SET " + strings.Join(set, ", ")
@@ -104,8 +108,8 @@ func (b *BatchSession) describe(ctx context.Context) error {
 		if len(cfg.Key) != 1 {
 			return errors.New("pgetl: BatchConfig.KeyCache needs a single-column Key")
 		}
-		if cfg.OnlyChanged || len(set) == 0 {
-			return errors.New("pgetl: BatchConfig.KeyCache cannot be combined with OnlyChanged or a Key that is all the Columns")
+		if cfg.OnlyChanged || len(set) == 0 || cfg.IgnoreExisting {
+			return errors.New("pgetl: BatchConfig.KeyCache cannot be combined with OnlyChanged, IgnoreExisting or a Key that is all the Columns")
 		}
 		if err := b.checkKeyType(); err != nil {
 			return err

@@ -80,6 +80,12 @@ var wireBufs = sync.Pool{New: func() any { b := make([]byte, 0, wireChunk); retu
 //   - Messages are read with ReceiveMessage, so pgconn still tracks the transaction
 //     status, parameter statuses, notices and OnPgError as for its own queries.
 func sendBatch(ctx context.Context, pgc *pgconn.PgConn, sql string, copies []net.Buffers) (tag string, copiesDone int, err error) {
+	return sendBatchRows(ctx, pgc, sql, copies, nil)
+}
+
+// sendBatchRows is sendBatch that also hands the values (text format) of every row
+// the message's queries return to onRow, in order; onRow must not keep them.
+func sendBatchRows(ctx context.Context, pgc *pgconn.PgConn, sql string, copies []net.Buffers, onRow func([][]byte)) (tag string, copiesDone int, err error) {
 	if pgc.IsBusy() {
 		return "", 0, errors.New("pgetl: bug: sendBatch on a busy connection")
 	}
@@ -152,6 +158,10 @@ func sendBatch(ctx context.Context, pgc *pgconn.PgConn, sql string, copies []net
 		}
 		done := false
 		switch m := m.(type) {
+		case *pgproto3.DataRow:
+			if onRow != nil && pgErr == nil {
+				onRow(m.Values)
+			}
 		case *pgproto3.CommandComplete:
 			tag = string(m.CommandTag)
 			if pgErr == nil && len(tag) > 5 && tag[:5] == "COPY " {

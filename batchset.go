@@ -1,0 +1,981 @@
+package pgetl
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"net"
+	"reflect"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+	"unicode/utf8"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgtype"
+)
+
+// BatchSet commits the rows of several tables together: a source record may add a
+// row to each (an order header and its line, a fact and its audit row), and a
+// batch's rows of all tables commit in one transaction, with one checkpoint, in one
+// round trip, tables in the order given to [Session.Batches] (parents before
+// children, for foreign keys). Tables may have lookup columns ([LookupColumn]),
+// resolved in the same transaction. Each table is loaded as a [BatchSession] loads
+// its one table (COPY, or an upsert through a staging table with Key), except the
+// statement path (SQL) and KeyCache, which a set does not take.
+//
+// Like a BatchSession, it commits a full batch in the background while the caller
+// adds rows to the next one, holds no connection between batches, and is not safe
+// for concurrent use (its Close is, with Session.Close).
+type BatchSet struct {
+	s     *Session
+	parts []*BatchSession
+	cfg   BatchConfig // the set's batch settings: those of the first table
+
+	sendMu sync.Mutex // held while a batch is handed to the flusher
+	mu     sync.Mutex // guards cur, err, closed, limit
+	cur    *setBatch
+	err    error
+	closed bool
+	limit  int
+
+	queue chan setReq
+	bg    context.Context
+	stop  context.CancelFunc
+	wg    sync.WaitGroup
+
+	closeOnce sync.Once
+	closeErr  error
+
+	inflight *setBatch // the batch being committed; only the flusher touches it
+}
+
+// setBatch is one batch of a set: per table, the rows whose lookups are resolved
+// (direct) and those waiting on a lookup (pending, staging-table tuples).
+type setBatch struct {
+	direct []*batch
+	pend   []*batch
+	keys   [][][]any // per table, per pending row: its lookup keys
+	rej    []Reject  // rows Add refused
+	last   *string
+	seen   int64 // source records added
+	rows   int   // table rows buffered
+	bytes  int
+}
+
+type setReq struct {
+	ctx  context.Context
+	bt   *setBatch
+	done chan error
+}
+
+// Batches starts a batch set on s, one table per cfg, in the order their rows must
+// be written (parents first). The batch settings (CommitRows, CommitBytes,
+// CommitInterval, Rejects, MaxRejects, MaxRejectRatio, OnCommitFunc) are those of
+// the first cfg; the others' are ignored. CommitRows counts table rows. ctx bounds
+// only this call.
+func (s *Session) Batches(ctx context.Context, cfgs ...BatchConfig) (*BatchSet, error) {
+	if len(cfgs) == 0 {
+		return nil, errors.New("pgetl: Session.Batches needs at least one BatchConfig")
+	}
+	if err := s.usable(); err != nil {
+		return nil, err
+	}
+	slowStart := cfgs[0].CommitRows == 0
+	set := &BatchSet{s: s, queue: make(chan setReq)}
+	for i, cfg := range cfgs {
+		cfg.Columns = append([]string(nil), cfg.Columns...)
+		cfg.Key = append([]string(nil), cfg.Key...)
+		cfg.Lookups = append([]LookupColumn(nil), cfg.Lookups...)
+		if err := cfg.setDefaults(); err != nil {
+			return nil, fmt.Errorf("%w (table %d of the set)", err, i+1)
+		}
+		if cfg.SQL != "" || cfg.KeyCache != nil {
+			return nil, fmt.Errorf("pgetl: Session.Batches: table %s: a batch set takes neither SQL nor KeyCache", cfg.Table)
+		}
+		b := &BatchSession{s: s, cfg: cfg, m: pgtype.NewMap(), part: true}
+		if err := b.describe(ctx); err != nil {
+			return nil, err
+		}
+		set.parts = append(set.parts, b)
+	}
+	set.cfg = set.parts[0].cfg
+	set.limit = set.cfg.CommitRows
+	if slowStart {
+		set.limit = min(set.cfg.CommitRows, slowStartRows)
+	}
+	set.cur = set.newBatch()
+	set.bg, set.stop = context.WithCancel(context.WithoutCancel(ctx))
+	set.wg.Add(1)
+	go set.loop()
+	return set, nil
+}
+
+func (set *BatchSet) newBatch() *setBatch {
+	n := len(set.parts)
+	bt := &setBatch{direct: make([]*batch, n), pend: make([]*batch, n), keys: make([][][]any, n)}
+	for i := range n {
+		bt.direct[i], bt.pend[i] = &batch{}, &batch{}
+	}
+	return bt
+}
+
+// Add adds one source record: rows[i] is its row for the i-th table (values in the
+// order of that table's Columns, then its lookups' attributes), nil for none. cursor
+// is the record's position in the source, the checkpoint's cursor once its batch
+// commits. A value a column cannot take is reported as a *BatchError naming the
+// table, row and column (under RejectToTable the row is rejected instead).
+func (set *BatchSet) Add(ctx context.Context, cursor string, rows ...[]any) error {
+	if len(rows) > len(set.parts) {
+		return fmt.Errorf("pgetl: BatchSet.Add: %d rows for %d tables", len(rows), len(set.parts))
+	}
+	if strings.IndexByte(cursor, 0) >= 0 || !utf8.ValidString(cursor) {
+		return errors.New("pgetl: BatchSet.Add: cursor must be valid UTF-8 without NUL bytes")
+	}
+	set.mu.Lock()
+	if set.closed {
+		set.mu.Unlock()
+		return ErrClosed
+	}
+	if set.err != nil {
+		err := set.err
+		set.mu.Unlock()
+		return err
+	}
+	bt := set.cur
+	for i, values := range rows {
+		if values == nil {
+			continue
+		}
+		if err := set.addRow(bt, i, cursor, values); err != nil {
+			set.mu.Unlock()
+			return err
+		}
+	}
+	bt.seen++
+	bt.last = &cursor
+	full := bt.rows >= set.limit || bt.bytes >= set.cfg.CommitBytes
+	if full && set.limit < set.cfg.CommitRows {
+		set.limit = min(2*set.limit, set.cfg.CommitRows)
+	}
+	set.mu.Unlock()
+	if !full {
+		return nil
+	}
+	return set.dispatch(ctx, false)
+}
+
+// addRow encodes one row of table i into bt. Caller holds mu.
+func (set *BatchSet) addRow(bt *setBatch, i int, cursor string, values []any) error {
+	b := set.parts[i]
+	idx := set.s.nextRow.Add(1) - 1
+	fail := func(col int, err error) error {
+		berr := &BatchError{Job: set.s.cfg.Job, Row: idx, Cursor: cursor, Column: b.column(col), Err: fmt.Errorf("table %s: %w", b.cfg.Table, err)}
+		if col >= 0 && col < len(values) {
+			berr.Value = truncate(fmt.Sprint(values[col]), 64)
+		}
+		if set.cfg.Rejects != RejectToTable || col < 0 {
+			return berr
+		}
+		bt.rej = append(bt.rej, Reject{Row: idx, Cursor: cursor, SQLState: "22P02", Message: err.Error(), Column: berr.Column,
+			Values: valuesJSON(values), Table: b.cfg.Table})
+		bt.rows++
+		if err := set.checkRejects(bt, nil); err != nil {
+			return err
+		}
+		return nil
+	}
+	if len(values) != b.nvals {
+		return fail(-1, fmt.Errorf("pgetl: got %d values for %d", len(values), b.nvals))
+	}
+	vals, keys, hit := values, []any(nil), true
+	if len(b.lookups) > 0 {
+		vals, keys, hit = b.resolveHits(values)
+	}
+	if hit {
+		d := bt.direct[i]
+		before := len(d.buf)
+		if col, err := b.encode(d, vals); err != nil {
+			return fail(col, err)
+		}
+		d.idx = append(d.idx, idx)
+		d.cursors = append(d.cursors, cursor)
+		bt.bytes += len(d.buf) - before
+	} else {
+		p := bt.pend[i]
+		before := len(p.buf)
+		if col, err := b.encodePending(p, idx, cursor, vals, values); err != nil {
+			return fail(col, err)
+		}
+		p.idx = append(p.idx, idx)
+		p.cursors = append(p.cursors, cursor)
+		bt.keys[i] = append(bt.keys[i], keys)
+		bt.bytes += len(p.buf) - before
+	}
+	bt.rows++
+	return nil
+}
+
+// encodePending appends a staging tuple for a row waiting on a lookup: its index and
+// cursor, its columns (lookup columns not resolved are NULL), then per lookup its key
+// and, for GetOrCreate, its attributes. It returns the failing column of Add's values
+// on error.
+func (b *BatchSession) encodePending(p *batch, idx int64, cursor string, vals, values []any) (int, error) {
+	start := len(p.buf)
+	n := 2 + len(vals)
+	for _, lc := range b.lookups {
+		n++
+		if lc.Mode == GetOrCreate {
+			n += len(lc.attrOIDs)
+		}
+	}
+	buf := binary.BigEndian.AppendUint16(p.buf, uint16(n))
+	put := func(oid uint32, v any) error {
+		sp := len(buf)
+		buf = append(buf, 0, 0, 0, 0)
+		out, err := b.encodeValue(oid, v, buf)
+		if err != nil {
+			return err
+		}
+		if out == nil {
+			buf = binary.BigEndian.AppendUint32(buf[:sp], 0xffffffff)
+		} else {
+			buf = out
+			binary.BigEndian.PutUint32(buf[sp:], uint32(len(buf)-sp-4))
+		}
+		return nil
+	}
+	fail := func(col int, err error) (int, error) {
+		p.buf = buf[:start]
+		return col, err
+	}
+	if err := put(pgtype.Int8OID, idx); err != nil {
+		return fail(-1, err)
+	}
+	if err := put(pgtype.TextOID, cursor); err != nil {
+		return fail(-1, err)
+	}
+	for c, v := range vals {
+		if err := put(b.oids[c], v); err != nil {
+			return fail(c, fmt.Errorf("pgetl: encode %T for column %q: %w", v, b.cfg.Columns[c], err))
+		}
+	}
+	for _, lc := range b.lookups {
+		if err := put(lc.keyOID, values[lc.col]); err != nil {
+			return fail(lc.col, fmt.Errorf("pgetl: encode %T for key %s.%s: %w", values[lc.col], lc.Source.Table, lc.Source.Key, err))
+		}
+		if lc.Mode == GetOrCreate {
+			for a, oid := range lc.attrOIDs {
+				if err := put(oid, values[lc.attrs+a]); err != nil {
+					return fail(lc.attrs+a, fmt.Errorf("pgetl: encode %T for %s.%s: %w", values[lc.attrs+a], lc.Source.Table, lc.Source.InsertColumns[a], err))
+				}
+			}
+		}
+	}
+	p.buf = buf
+	p.offs = append(p.offs, int32(start))
+	return -1, nil
+}
+
+// checkRejects stops the job once its rejects exceed MaxRejects or MaxRejectRatio,
+// counting those committed, those of bt and more. Caller holds mu (or owns bt).
+func (set *BatchSet) checkRejects(bt *setBatch, more []Reject) error {
+	cfg := set.cfg
+	if cfg.MaxRejects == 0 && cfg.MaxRejectRatio == 0 {
+		return nil
+	}
+	s := set.s
+	s.mu.Lock()
+	total := s.cp.Rejects + int64(len(bt.rej)+len(more))
+	seen := s.cp.Rows + s.cp.Rejects + int64(bt.rows)
+	s.mu.Unlock()
+	over := cfg.MaxRejects > 0 && total > cfg.MaxRejects
+	if cfg.MaxRejectRatio > 0 && seen >= 1000 && float64(total) > cfg.MaxRejectRatio*float64(seen) {
+		over = true
+	}
+	if !over {
+		return nil
+	}
+	all := append(append([]Reject(nil), bt.rej...), more...)
+	last := all[len(all)-1]
+	return &BatchError{Job: s.cfg.Job, Row: last.Row, Cursor: last.Cursor, Column: last.Column, SQLState: last.SQLState,
+		Err: fmt.Errorf("%w: %d rejected of %d seen (MaxRejects %d, MaxRejectRatio %g): table %s: %s", ErrTooManyRejects, total, seen,
+			cfg.MaxRejects, cfg.MaxRejectRatio, last.Table, last.Message)}
+}
+
+// Flush commits the buffered rows and waits until every batch handed off before
+// has committed (or failed).
+func (set *BatchSet) Flush(ctx context.Context) error {
+	set.mu.Lock()
+	err := set.err
+	if set.closed {
+		err = ErrClosed
+	}
+	set.mu.Unlock()
+	if err != nil {
+		return err
+	}
+	return set.dispatch(ctx, true)
+}
+
+// dispatch hands the current batch to the flusher; with wait, it waits for it.
+func (set *BatchSet) dispatch(ctx context.Context, wait bool) error {
+	set.sendMu.Lock()
+	set.mu.Lock()
+	if set.closed {
+		set.mu.Unlock()
+		set.sendMu.Unlock()
+		return ErrClosed
+	}
+	bt := set.swap()
+	set.mu.Unlock()
+	req := setReq{ctx: set.bg, bt: bt}
+	if wait {
+		req.ctx, req.done = ctx, make(chan error, 1)
+	}
+	select {
+	case set.queue <- req:
+	case <-ctx.Done():
+		set.sendMu.Unlock()
+		set.fail(ctx.Err())
+		return ctx.Err()
+	}
+	set.sendMu.Unlock()
+	if !wait {
+		return nil
+	}
+	select {
+	case err := <-req.done:
+		return err
+	case <-ctx.Done():
+		set.stop()
+		return <-req.done
+	}
+}
+
+// swap takes the current batch if it holds anything. Caller holds mu and sendMu.
+func (set *BatchSet) swap() *setBatch {
+	if set.cur.seen == 0 {
+		return nil
+	}
+	bt := set.cur
+	set.cur = set.newBatch()
+	return bt
+}
+
+func (set *BatchSet) fail(err error) {
+	set.mu.Lock()
+	if set.err == nil {
+		set.err = err
+	}
+	set.mu.Unlock()
+}
+
+// loop is the flusher: it commits handed-off batches in order, and the buffered
+// rows when they are older than CommitInterval, until Close closes the queue.
+func (set *BatchSet) loop() {
+	defer set.wg.Done()
+	var tick <-chan time.Time
+	if set.cfg.CommitInterval > 0 {
+		t := time.NewTicker(max(set.cfg.CommitInterval/4, time.Millisecond))
+		defer t.Stop()
+		tick = t.C
+	}
+	lastCommit := time.Now()
+	for {
+		select {
+		case req, ok := <-set.queue:
+			if !ok {
+				return
+			}
+			var err error
+			if req.bt != nil {
+				err = set.commit(req.ctx, req.bt)
+				lastCommit = time.Now()
+			}
+			if req.done != nil {
+				set.mu.Lock()
+				if err == nil {
+					err = set.err
+				}
+				set.mu.Unlock()
+				req.done <- err
+			}
+		case <-tick:
+			if time.Since(lastCommit) < set.cfg.CommitInterval || !set.sendMu.TryLock() {
+				continue
+			}
+			set.mu.Lock()
+			var bt *setBatch
+			if set.err == nil && !set.closed {
+				bt = set.swap()
+			}
+			set.mu.Unlock()
+			set.sendMu.Unlock()
+			lastCommit = time.Now()
+			if bt != nil {
+				_ = set.commit(set.bg, bt)
+			}
+		}
+	}
+}
+
+// Close commits the buffered rows, waits for the batch in flight and stops the
+// flusher. It returns the first error of the set's batches. Close is idempotent;
+// Add and Flush after it return ErrClosed.
+func (set *BatchSet) Close(ctx context.Context) error {
+	set.closeOnce.Do(func() {
+		set.mu.Lock()
+		err := set.err
+		set.mu.Unlock()
+		if err == nil {
+			err = set.dispatch(ctx, true)
+		}
+		set.sendMu.Lock()
+		set.mu.Lock()
+		set.closed = true
+		set.mu.Unlock()
+		close(set.queue)
+		set.sendMu.Unlock()
+		set.wg.Wait()
+		set.stop()
+		set.closeErr = err
+	})
+	return set.closeErr
+}
+
+// setRow names a row of a set batch: table, pending or not, position.
+type setRow struct {
+	part int
+	pend bool
+	i    int
+}
+
+// resolved is what the server reported of a pending row: its lookups' values.
+type resolved struct {
+	idx  int64
+	vals []any // per lookup: the value, or nil when the key is unknown
+	keys []any
+}
+
+// commit commits bt: all its tables' rows, its rejects and its checkpoint in one
+// transaction, retried as a whole. A data error the server pins to a row (a COPY
+// line) rejects that row or, under RejectFail, commits the rows before it and stops.
+func (set *BatchSet) commit(ctx context.Context, bt *setBatch) (err error) {
+	s := set.s
+	s.commitMu.Lock()
+	defer s.commitMu.Unlock()
+	defer func() {
+		if err != nil {
+			set.fail(err)
+		}
+	}()
+	set.mu.Lock()
+	err = set.err
+	set.mu.Unlock()
+	if err != nil {
+		return err
+	}
+	if err := s.usable(); err != nil {
+		return err
+	}
+	if err := s.sync(ctx); err != nil {
+		return err
+	}
+	t0 := time.Now()
+	seq := s.nextSeq()
+	set.inflight = bt
+	defer func() { set.inflight = nil }()
+	skip := map[int64]bool{} // rows rejected while committing
+	rejects := append([]Reject(nil), bt.rej...)
+	cursor := bt.last
+	for {
+		if err := set.checkRejects(&setBatch{}, rejects); err != nil {
+			return err
+		}
+		var report []resolved
+		var sent int64
+		var rows int64
+		var unknown []Reject
+		err := s.run(ctx, seq, func(ctx context.Context, n int) (commitOutcome, error) {
+			out, r, nbytes, nrows, unk, err := set.attempt(ctx, seq, n, bt, skip, rejects, cursor)
+			report, sent, rows, unknown = r, nbytes, nrows, unk
+			return out, err
+		})
+		if err == nil {
+			all := append(rejects, unknown...)
+			set.committed(seq, cursor, rows-int64(len(unknown)), all, sent, t0)
+			set.publish(bt, report)
+			return nil
+		}
+		pg := pgErrorOf(err)
+		var rerr *setRowError
+		if ctx.Err() != nil || pg == nil || !isDataError(pg.Code) || !errors.As(err, &rerr) {
+			if pg != nil && pg.Code == codeRowsMismatch && len(unknown) > 0 {
+				// RejectFail and a key no dimension holds: stop at the first such row.
+				rerr = &setRowError{row: unknown[0].Row, reject: unknown[0]}
+			} else {
+				return &BatchError{Job: s.cfg.Job, Seq: seq, Row: -1, SQLState: sqlState(pg), Err: err}
+			}
+		}
+		rej := rerr.reject
+		if set.cfg.Rejects == RejectFail {
+			return set.failAt(ctx, seq, bt, skip, rejects, rej, pg, t0)
+		}
+		rejects = append(rejects, rej)
+		skip[rej.Row] = true
+	}
+}
+
+// failAt commits the rows added before rej's row (RejectFail), with the checkpoint at
+// the cursor of the last of them, then returns rej as a *BatchError.
+func (set *BatchSet) failAt(ctx context.Context, seq int64, bt *setBatch, skip map[int64]bool, rejects []Reject, rej Reject, pg *pgconn.PgError, t0 time.Time) error {
+	s := set.s
+	code := rej.SQLState
+	berr := &BatchError{Job: s.cfg.Job, Seq: seq, Row: rej.Row, Cursor: rej.Cursor, Column: rej.Column, SQLState: code,
+		Constraint: rej.Constraint, Err: fmt.Errorf("table %s: %s", rej.Table, rej.Message)}
+	if pg != nil && pg.Code == code {
+		berr.Err = fmt.Errorf("table %s: %w", rej.Table, pg)
+	}
+	// Rows of rej's source record and after are left out; the checkpoint's cursor is
+	// that of the last record before it.
+	cut := map[int64]bool{}
+	var cursor *string
+	lastIdx := int64(-1)
+	for p := range set.parts {
+		for _, b := range []*batch{bt.direct[p], bt.pend[p]} {
+			for i, idx := range b.idx {
+				switch {
+				case b.cursors[i] == rej.Cursor || idx >= rej.Row:
+					cut[idx] = true
+				case !skip[idx] && idx > lastIdx:
+					cursor, lastIdx = &b.cursors[i], idx
+				}
+			}
+		}
+	}
+	var keep []Reject
+	for _, r := range rejects {
+		if r.Row < rej.Row && r.Cursor != rej.Cursor {
+			keep = append(keep, r)
+			if r.Row > lastIdx {
+				cursor, lastIdx = &r.Cursor, r.Row
+			}
+		}
+	}
+	if cursor == nil {
+		return berr
+	}
+	for idx := range skip {
+		cut[idx] = true
+	}
+	var report []resolved
+	var sent, rows int64
+	var unknown []Reject
+	err := s.run(ctx, seq, func(ctx context.Context, n int) (commitOutcome, error) {
+		out, r, nbytes, nrows, unk, err := set.attempt(ctx, seq, n, bt, cut, keep, cursor)
+		report, sent, rows, unknown = r, nbytes, nrows, unk
+		return out, err
+	})
+	if err != nil {
+		return fmt.Errorf("%w (and committing the rows before it failed: %w)", berr, err)
+	}
+	set.committed(seq, cursor, rows-int64(len(unknown)), append(keep, unknown...), sent, t0)
+	set.publish(bt, report)
+	berr.Committed = true
+	return berr
+}
+
+func (set *BatchSet) committed(seq int64, cursor *string, rows int64, rejects []Reject, sent int64, t0 time.Time) {
+	s := set.s
+	s.committed(seq, cursor, rows, int64(len(rejects)), sent)
+	d := time.Since(t0)
+	s.mu.Lock()
+	s.stat.flushNanos += int64(d)
+	s.mu.Unlock()
+	if set.cfg.OnCommitFunc != nil {
+		c := ""
+		if cursor != nil {
+			c = *cursor
+		}
+		set.cfg.OnCommitFunc(BatchResult{Job: s.cfg.Job, Seq: seq, Rows: rows, Rejects: int64(len(rejects)), Bytes: sent, Cursor: c, Duration: d})
+	}
+}
+
+// publish puts the keys the batch's transaction resolved into the lookups' caches:
+// called once the batch is known committed.
+func (set *BatchSet) publish(bt *setBatch, report []resolved) {
+	if len(report) == 0 {
+		return
+	}
+	byIdx := map[int64]resolved{}
+	for _, r := range report {
+		byIdx[r.idx] = r
+	}
+	for p, b := range set.parts {
+		for i, idx := range bt.pend[p].idx {
+			r, ok := byIdx[idx]
+			if !ok {
+				continue
+			}
+			for j, lc := range b.lookups {
+				if r.vals[j] != nil && bt.keys[p][i][j] != nil {
+					lc.Cache.store(bt.keys[p][i][j], r.vals[j])
+				}
+			}
+		}
+	}
+}
+
+// setRowError pins a data error to a row of a set batch.
+type setRowError struct {
+	row    int64
+	reject Reject
+	err    error
+}
+
+func (e *setRowError) Error() string { return e.err.Error() }
+func (e *setRowError) Unwrap() error { return e.err }
+
+// attempt makes one attempt at bt without the rows in skip: one simple-query message
+// holding BEGIN, the guards, the fence, per table (in order) its COPY or staged
+// upsert and the resolution of its pending rows, the rejects and COMMIT, with the COPY
+// data behind it. It returns what the server reported of the pending rows, the bytes
+// sent, the table rows the fence counted, and the pending rows rejected for an
+// unknown key (LookupOnly, under RejectToTable).
+func (set *BatchSet) attempt(ctx context.Context, seq int64, n int, bt *setBatch, skip map[int64]bool, rejects []Reject, cursor *string) (commitOutcome, []resolved, int64, int64, []Reject, error) {
+	s := set.s
+	t0 := time.Now()
+	conn, err := s.pool.Acquire(ctx)
+	if err != nil {
+		return outcomeFailed, nil, 0, 0, nil, err
+	}
+	defer func() {
+		conn.Release()
+		s.mu.Lock()
+		s.stat.holdNanos += int64(time.Since(t0))
+		s.mu.Unlock()
+	}()
+	pgc := conn.Conn().PgConn()
+	if s.cfg.beforeCommit != nil {
+		s.cfg.beforeCommit(ctx, seq, n, pgc)
+	}
+	var q strings.Builder
+	var copies []net.Buffers
+	var where []copyRows // which rows each COPY carries
+	var nbytes, rows int64
+	var adjust []string // per table with pending rows: the count of rows its lookups reject
+	q.WriteString("BEGIN;")
+	q.WriteString(s.guardSQL(seq))
+	for p := range set.parts {
+		for _, src := range []*batch{bt.direct[p], bt.pend[p]} {
+			for _, idx := range src.idx {
+				if !skip[idx] {
+					rows++
+				}
+			}
+		}
+	}
+	q.WriteString(s.advanceSQL(seq, cursor, rows, int64(len(rejects))))
+	for p, b := range set.parts {
+		direct, pend := bt.direct[p], bt.pend[p]
+		dsel := selectIdx(direct, skip)
+		psel := selectIdx(pend, skip)
+		if len(dsel) == 0 && len(psel) == 0 {
+			continue
+		}
+		upsert := len(b.cfg.Key) > 0
+		if upsert {
+			q.WriteString(strings.Replace(b.sql.stageStmt, "pgetl_stage", "pgetl_stage_"+strconv.Itoa(p), 1))
+		}
+		if len(dsel) > 0 {
+			c, starts, nb := b.copyData(direct, dsel, 0)
+			stmt := b.sql.copyStmt
+			if upsert {
+				stmt = strings.Replace(stmt, "pgetl_stage", "pgetl_stage_"+strconv.Itoa(p), 1)
+			}
+			for k := range c {
+				q.WriteString(stmt)
+				where = append(where, copyRows{part: p, start: starts[k], sel: dsel})
+			}
+			copies, nbytes = append(copies, c...), nbytes+nb
+		}
+		if len(psel) > 0 {
+			stage := "pgetl_lk_" + strconv.Itoa(p)
+			q.WriteString(b.pendingSQL(stage, seq, set.cfg.Rejects))
+			c, starts, nb := b.copyData(pend, psel, 0)
+			for k := range c {
+				if k > 0 { // pendingSQL holds the first COPY statement
+					q.WriteString("COPY " + stage + " FROM STDIN (FORMAT binary);")
+				}
+				where = append(where, copyRows{part: p, pend: true, start: starts[k], sel: psel})
+			}
+			q.WriteString(b.resolveSQL(stage, seq, upsert, p, set.cfg.Rejects))
+			copies, nbytes = append(copies, c...), nbytes+nb
+			adjust = append(adjust, "(SELECT count(*) FROM "+stage+" WHERE "+b.unresolvedCond()+")")
+		}
+		if upsert {
+			q.WriteString(strings.Replace(b.sql.merge, "pgetl_stage", "pgetl_stage_"+strconv.Itoa(p), 1))
+		}
+	}
+	if len(adjust) > 0 {
+		sum := strings.Join(adjust, " + ")
+		fmt.Fprintf(&q, "UPDATE %s.checkpoint SET rows = rows - (%s), rejects = rejects + (%s) WHERE job = %s AND owner = %s AND seq = %d;",
+			s.schema, sum, sum, quoteLiteral(s.cfg.Job), quoteLiteral(s.owner), seq)
+	}
+	q.WriteString(set.rejectSQL(seq, rejects))
+	q.WriteString("COMMIT")
+
+	var report []resolved
+	var unknown []Reject
+	var decodeErr error
+	tag, done, err := sendBatchRows(ctx, pgc, q.String(), copies, func(vals [][]byte) {
+		if len(vals) < 2 || string(vals[0]) != "pgetl_lk" {
+			return // the fence's and other functions' results
+		}
+		r, unk, derr := set.decodeReport(vals[1:], seq)
+		if derr != nil && decodeErr == nil {
+			decodeErr = derr
+		}
+		report = append(report, r)
+		if unk != nil {
+			unknown = append(unknown, *unk)
+		}
+	})
+	if pg := pgErrorOf(err); pg != nil && isDataError(pg.Code) {
+		if line := copyLine(pg); line > 0 && done < len(where) {
+			w := where[done]
+			if pos := w.start + line - 1; pos < len(w.sel) {
+				src := bt.direct[w.part]
+				if w.pend {
+					src = bt.pend[w.part]
+				}
+				i := w.sel[pos]
+				b := set.parts[w.part]
+				rej := Reject{Row: src.idx[i], Cursor: src.cursors[i], SQLState: pg.Code, Message: pg.Message,
+					Column: copyColumn(pg), Constraint: pg.ConstraintName, Table: b.cfg.Table}
+				if !w.pend {
+					rej.Values = b.rowJSON(src, i)
+				}
+				err = &setRowError{row: rej.Row, reject: rej, err: err}
+			}
+		}
+	}
+	if err == nil {
+		if decodeErr != nil {
+			return outcomeFailed, nil, nbytes, rows, nil, decodeErr
+		}
+		if tag != "COMMIT" {
+			return outcomeFailed, nil, nbytes, rows, nil, fmt.Errorf("pgetl: batch ended with %q, not COMMIT", tag)
+		}
+		return outcomeCommitted, report, nbytes, rows, unknown, nil
+	}
+	if pg := pgErrorOf(err); pg != nil && pg.Severity == "ERROR" {
+		if pgc.TxStatus() != 'I' {
+			_ = pgc.Exec(ctx, "ROLLBACK").Close()
+		}
+		return outcomeFailed, nil, nbytes, rows, unknown, err
+	}
+	return outcomeInDoubt, nil, nbytes, rows, nil, err
+}
+
+// copyRows says which rows a COPY statement of a set batch carries.
+type copyRows struct {
+	part  int
+	pend  bool
+	start int   // position in sel of the COPY's first row
+	sel   []int // the rows of the table's direct or pending batch that were sent
+}
+
+func selectIdx(b *batch, skip map[int64]bool) []int {
+	sel := make([]int, 0, len(b.idx))
+	for i, idx := range b.idx {
+		if !skip[idx] {
+			sel = append(sel, i)
+		}
+	}
+	return sel
+}
+
+// pendingSQL creates the staging table of the rows waiting on a lookup and starts
+// their (first) COPY.
+func (b *BatchSession) pendingSQL(stage string, seq int64, _ RejectPolicy) string {
+	var cols, from []string
+	for _, c := range b.cfg.Columns {
+		cols = append(cols, "t."+pgx.Identifier{c}.Sanitize())
+	}
+	from = append(from, b.table+" t")
+	for j, lc := range b.lookups {
+		d := "d" + strconv.Itoa(j)
+		from = append(from, lc.table+" "+d)
+		cols = append(cols, d+"."+lc.key+" AS pgetl_k"+strconv.Itoa(j))
+		if lc.Mode == GetOrCreate {
+			for a, ac := range lc.Source.InsertColumns {
+				cols = append(cols, d+"."+pgx.Identifier{ac}.Sanitize()+" AS pgetl_a"+strconv.Itoa(j)+"_"+strconv.Itoa(a))
+			}
+		}
+	}
+	return "CREATE TEMP TABLE " + stage + " ON COMMIT DROP AS SELECT NULL::bigint AS pgetl_idx, NULL::text AS pgetl_cursor, " +
+		strings.Join(cols, ", ") + " FROM " + strings.Join(from, ", ") + " WITH NO DATA;" +
+		"COPY " + stage + " FROM STDIN (FORMAT binary);"
+}
+
+// unresolvedCond is the condition of a staged row some lookup left unresolved.
+func (b *BatchSession) unresolvedCond() string {
+	var c []string
+	for _, lc := range b.lookups {
+		c = append(c, pgx.Identifier{lc.Column}.Sanitize()+" IS NULL")
+	}
+	return strings.Join(c, " OR ")
+}
+
+// resolveSQL resolves the staged rows' lookups (creating missing keys for
+// GetOrCreate), reports each row's values to the client, rejects the rows left
+// unresolved (or, under RejectFail, fails with PGK01), and inserts the others into the
+// table (or its upsert stage).
+func (b *BatchSession) resolveSQL(stage string, seq int64, upsert bool, p int, policy RejectPolicy) string {
+	var q strings.Builder
+	var report []string
+	for j, lc := range b.lookups {
+		col := pgx.Identifier{lc.Column}.Sanitize()
+		k := "pgetl_k" + strconv.Itoa(j)
+		if lc.Mode == GetOrCreate {
+			cols, sel := []string{lc.key}, []string{k}
+			for a, ac := range lc.Source.InsertColumns {
+				cols = append(cols, pgx.Identifier{ac}.Sanitize())
+				sel = append(sel, "pgetl_a"+strconv.Itoa(j)+"_"+strconv.Itoa(a))
+			}
+			fmt.Fprintf(&q, "INSERT INTO %s (%s) SELECT DISTINCT ON (%s) %s FROM %s WHERE %s IS NULL AND %s IS NOT NULL ORDER BY %s ON CONFLICT (%s) DO NOTHING;",
+				lc.table, strings.Join(cols, ", "), k, strings.Join(sel, ", "), stage, col, k, k, lc.key)
+		}
+		fmt.Fprintf(&q, "UPDATE %s s SET %s = d.%s FROM %s d WHERE s.%s IS NULL AND d.%s = s.%s;", stage, col, lc.val, lc.table, col, lc.key, k)
+		report = append(report, col+"::text")
+	}
+	// The first column marks the report's rows among the message's results.
+	fmt.Fprintf(&q, "SELECT 'pgetl_lk', pgetl_idx, %s FROM %s;", strings.Join(report, ", "), stage)
+	cond := b.unresolvedCond()
+	if policy == RejectFail {
+		fmt.Fprintf(&q, "SELECT %s.expect_rows((SELECT count(*) FROM %s WHERE %s), 0);", b.s.schema, stage, cond)
+	} else {
+		var msg []string
+		for j, lc := range b.lookups {
+			msg = append(msg, fmt.Sprintf("WHEN %s IS NULL THEN %s || coalesce(pgetl_k%d::text, 'NULL')", pgx.Identifier{lc.Column}.Sanitize(),
+				quoteLiteral("unknown "+lc.Source.Table+"."+lc.Source.Key+" "), j))
+		}
+		var colName []string
+		for _, lc := range b.lookups {
+			colName = append(colName, fmt.Sprintf("WHEN %s IS NULL THEN %s", pgx.Identifier{lc.Column}.Sanitize(), quoteLiteral(lc.Column)))
+		}
+		fmt.Fprintf(&q, "INSERT INTO %s.reject (job, seq, row_index, cursor, sqlstate, message, column_name, table_name, row) SELECT %s, %d, pgetl_idx, pgetl_cursor, '23503', CASE %s END, CASE %s END, %s, to_jsonb(s) - 'pgetl_idx' - 'pgetl_cursor' FROM %s s WHERE %s;",
+			b.s.schema, quoteLiteral(b.s.cfg.Job), seq, strings.Join(msg, " "), strings.Join(colName, " "), quoteLiteral(b.cfg.Table), stage, cond)
+	}
+	target := b.table
+	if upsert {
+		target = "pgetl_stage_" + strconv.Itoa(p)
+	}
+	fmt.Fprintf(&q, "INSERT INTO %s (%s) SELECT %s FROM %s WHERE NOT (%s);", target, b.cols, b.cols, stage, cond)
+	return q.String()
+}
+
+// decodeReport decodes one reported row: a staged row's index and its lookups'
+// values (text). A row with an unresolved lookup is returned as a reject too.
+func (set *BatchSet) decodeReport(vals [][]byte, seq int64) (resolved, *Reject, error) {
+	var r resolved
+	if len(vals) < 1 {
+		return r, nil, errors.New("pgetl: bad lookup report")
+	}
+	idx, err := strconv.ParseInt(string(vals[0]), 10, 64)
+	if err != nil {
+		return r, nil, fmt.Errorf("pgetl: bad lookup report: %w", err)
+	}
+	r.idx = idx
+	b, i := set.pendingRow(idx)
+	if b == nil {
+		return r, nil, fmt.Errorf("pgetl: lookup report names row %d, which is not in the batch", idx)
+	}
+	p := indexOfPart(set.parts, b)
+	if len(vals) != 1+len(b.lookups) {
+		return r, nil, errors.New("pgetl: bad lookup report")
+	}
+	r.vals = make([]any, len(b.lookups))
+	var unk *Reject
+	for j, lc := range b.lookups {
+		if vals[1+j] == nil {
+			if unk == nil {
+				unk = &Reject{Row: idx, SQLState: "23503", Column: lc.Column, Table: b.cfg.Table,
+					Message: fmt.Sprintf("unknown %s.%s %v", lc.Source.Table, lc.Source.Key, set.keyOf(p, i, j))}
+			}
+			continue
+		}
+		ptr := reflect.New(lc.Cache.valueGoType())
+		if err := b.m.Scan(lc.valOID, pgtype.TextFormatCode, vals[1+j], ptr.Interface()); err != nil {
+			return r, nil, fmt.Errorf("pgetl: lookup report for %s: %w", lc.Column, err)
+		}
+		r.vals[j] = ptr.Elem().Interface()
+	}
+	if unk != nil {
+		unk.Cursor = set.cursorOf(p, i)
+	}
+	return r, unk, nil
+}
+
+func indexOfPart(parts []*BatchSession, b *BatchSession) int {
+	for i, p := range parts {
+		if p == b {
+			return i
+		}
+	}
+	return -1
+}
+
+// pendingRow finds the table and position of pending row idx in the batch being
+// committed (set.inflight).
+func (set *BatchSet) pendingRow(idx int64) (*BatchSession, int) {
+	bt := set.inflight
+	if bt == nil {
+		return nil, -1
+	}
+	for p, b := range set.parts {
+		ix := bt.pend[p].idx
+		i := sort.Search(len(ix), func(i int) bool { return ix[i] >= idx })
+		if i < len(ix) && ix[i] == idx {
+			return b, i
+		}
+	}
+	return nil, -1
+}
+
+func (set *BatchSet) keyOf(p, i, j int) any    { return set.inflight.keys[p][i][j] }
+func (set *BatchSet) cursorOf(p, i int) string { return set.inflight.pend[p].cursors[i] }
+
+// rejectSQL returns the INSERT of rejects into the reject table, or "".
+func (set *BatchSet) rejectSQL(seq int64, rejects []Reject) string {
+	if len(rejects) == 0 {
+		return ""
+	}
+	s := set.s
+	var q strings.Builder
+	q.WriteString("INSERT INTO " + s.schema + ".reject (job, seq, row_index, cursor, sqlstate, message, column_name, constraint_name, table_name, row) VALUES ")
+	for i, r := range rejects {
+		if i > 0 {
+			q.WriteString(", ")
+		}
+		fmt.Fprintf(&q, "(%s, %d, %d, %s, %s, %s, %s, %s, %s, %s::jsonb)", quoteLiteral(s.cfg.Job), seq, r.Row,
+			quoteLiteral(r.Cursor), quoteLiteral(r.SQLState), quoteLiteral(strings.ToValidUTF8(r.Message, "?")),
+			quoteLiteral(r.Column), quoteLiteral(r.Constraint), quoteLiteral(r.Table), jsonLiteral(r.Values))
+	}
+	q.WriteString(";")
+	return q.String()
+}
+
+// jsonLiteral quotes a reject's JSON for the reject table ("null" when empty).
+func jsonLiteral(j string) string {
+	if j == "" {
+		j = "null"
+	}
+	return quoteLiteral(strings.ToValidUTF8(strings.ReplaceAll(j, "\x00", ""), "?"))
+}

@@ -1,0 +1,236 @@
+package pgetl
+
+import (
+	"context"
+	"fmt"
+	"strconv"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/pgetl/pgetl/internal/pgtest"
+)
+
+// starSchema creates products (preloaded dimension, lookup only), customers
+// (get-or-create by e-mail), orders (header) and order_lines (detail) in the test's
+// schema.
+func starSchema(t *testing.T, db *pgtest.DB, products int) {
+	t.Helper()
+	db.Exec(t, `CREATE TABLE products (id bigserial PRIMARY KEY, sku text UNIQUE NOT NULL);
+		INSERT INTO products (sku) SELECT format('SKU-%s', lpad(g::text, 7, '0')) FROM generate_series(1, `+strconv.Itoa(products)+`) g;
+		CREATE TABLE customers (id bigserial PRIMARY KEY, email text UNIQUE NOT NULL, name text NOT NULL);
+		CREATE TABLE orders (order_id bigint PRIMARY KEY, customer_id bigint NOT NULL REFERENCES customers(id), ordered_at timestamptz NOT NULL);
+		CREATE TABLE order_lines (order_id bigint NOT NULL REFERENCES orders(order_id), line_no int NOT NULL,
+			product_id bigint NOT NULL REFERENCES products(id), qty int NOT NULL CHECK (qty > 0), unit_price numeric(12,2) NOT NULL,
+			PRIMARY KEY (order_id, line_no))`)
+}
+
+// starLine is source line i: 4 lines per order, customers shared by orders.
+func starLine(i int64, customers, products int64, badEvery int64) (orderID int64, lineNo int32, email, name, sku string, qty int32, price string, at time.Time) {
+	orderID = (i-1)/4 + 1
+	lineNo = int32((i-1)%4 + 1)
+	c := (orderID*7919)%customers + 1
+	email, name = fmt.Sprintf("cust%d@example.com", c), fmt.Sprintf("Customer %d", c)
+	sku = fmt.Sprintf("SKU-%07d", (i*31)%products+1)
+	qty = int32(i%5 + 1)
+	if badEvery > 0 && i%badEvery == 0 {
+		qty = 0
+	}
+	price = fmt.Sprintf("%d.%02d", ((i*7)%10000)/100, ((i*7)%10000)%100+1)
+	at = time.Date(2024, 1, 1, 0, 0, 0, 0, time.UTC).Add(time.Duration(orderID) * time.Minute)
+	return
+}
+
+type starJob struct {
+	s         *Session
+	customers *Cache[string, int64]
+	products  *Cache[string, int64]
+	cfgs      []BatchConfig
+}
+
+func newStarJob(t *testing.T, db *pgtest.DB, s *Session, commitRows int, rejects RejectPolicy) *starJob {
+	t.Helper()
+	customers, err := NewCache[string, int64](CacheConfig{})
+	require.NoError(t, err)
+	products, err := NewCache[string, int64](CacheConfig{})
+	require.NoError(t, err)
+	require.NoError(t, products.Preload(context.Background(), db.Pool, Lookup{Table: db.Schema + ".products", Key: "sku", Value: "id"}))
+	return &starJob{s: s, customers: customers, products: products, cfgs: []BatchConfig{
+		{Table: db.Schema + ".orders", Columns: []string{"order_id", "customer_id", "ordered_at"}, Key: []string{"order_id"}, IgnoreExisting: true,
+			CommitRows: commitRows, CommitInterval: -1, Rejects: rejects,
+			Lookups: []LookupColumn{{Column: "customer_id", Mode: GetOrCreate, Cache: customers,
+				Source: Lookup{Table: db.Schema + ".customers", Key: "email", Value: "id", InsertColumns: []string{"name"}}}}},
+		{Table: db.Schema + ".order_lines", Columns: []string{"order_id", "line_no", "product_id", "qty", "unit_price"},
+			Lookups: []LookupColumn{{Column: "product_id", Cache: products, Source: Lookup{Table: db.Schema + ".products", Key: "sku", Value: "id"}}}},
+	}}
+}
+
+// run loads source lines from..to.
+func (j *starJob) run(ctx context.Context, from, to, customers, products, badEvery int64, sku func(int64, string) string) error {
+	set, err := j.s.Batches(ctx, j.cfgs...)
+	if err != nil {
+		return err
+	}
+	for i := from; i <= to; i++ {
+		orderID, lineNo, email, name, s, qty, price, at := starLine(i, customers, products, badEvery)
+		if sku != nil {
+			s = sku(i, s)
+		}
+		header := []any{orderID, email, at, name}
+		if lineNo != 1 && i != from {
+			header = nil // every line carries its order only when it starts it (or starts the run)
+		}
+		if err := set.Add(ctx, strconv.FormatInt(i, 10), header, []any{orderID, lineNo, s, qty, price}); err != nil {
+			_ = set.Close(ctx)
+			return err
+		}
+	}
+	return set.Close(ctx)
+}
+
+// requireStar checks customers, orders and order_lines against the generator for
+// lines 1..n, without the lines in bad.
+func requireStar(t *testing.T, db *pgtest.DB, n, customers, products int64, bad map[int64]bool) {
+	t.Helper()
+	var wantLines, wantSum int64
+	orders := map[int64]bool{}
+	custs := map[string]bool{}
+	for i := int64(1); i <= n; i++ {
+		orderID, lineNo, email, _, _, _, _, _ := starLine(i, customers, products, 0)
+		orders[orderID] = true
+		custs[email] = true
+		if !bad[i] {
+			wantLines++
+			wantSum += orderID*10 + int64(lineNo)
+		}
+	}
+	require.Equal(t, int64(len(custs)), db.Int(t, "SELECT count(*) FROM customers"), "customers")
+	require.Zero(t, db.Int(t, "SELECT count(*) FROM customers WHERE name <> 'Customer ' || substring(email from 'cust(\\d+)@')"), "customer names")
+	require.Equal(t, int64(len(orders)), db.Int(t, "SELECT count(*) FROM orders"), "orders")
+	require.Zero(t, db.Int(t, `SELECT count(*) FROM orders o JOIN customers c ON c.id = o.customer_id
+		WHERE c.email <> format('cust%s@example.com', (o.order_id*7919) % `+strconv.FormatInt(customers, 10)+` + 1)
+		OR o.ordered_at <> '2024-01-01T00:00:00Z'::timestamptz + o.order_id * interval '1 minute'`), "order headers")
+	require.Equal(t, wantLines, db.Int(t, "SELECT count(*) FROM order_lines"), "lines")
+	require.Equal(t, wantSum, db.Int(t, "SELECT coalesce(sum(order_id*10 + line_no), 0)::bigint FROM order_lines"), "line keys")
+	require.Zero(t, db.Int(t, `SELECT count(*) FROM order_lines l JOIN products p ON p.id = l.product_id
+		WHERE p.sku <> format('SKU-%s', lpad((((l.order_id - 1)*4 + l.line_no)*31 % `+strconv.FormatInt(products, 10)+` + 1)::text, 7, '0'))
+		OR l.qty <> (((l.order_id - 1)*4 + l.line_no) % 5 + 1)`), "line contents")
+}
+
+func TestBatchSetStarSchema(t *testing.T) {
+	t.Parallel()
+	db := pgtest.New(t)
+	const n, customers, products = 20_000, 500, 1000
+	starSchema(t, db, products)
+	ctx := context.Background()
+	s, err := NewSession(ctx, db.Pool, SessionConfig{Job: "star", CheckpointSchema: db.Schema})
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = s.Close(ctx) })
+	j := newStarJob(t, db, s, 3000, RejectToTable)
+	const badEvery = 997
+	bad := map[int64]bool{}
+	for i := int64(badEvery); i <= n; i += badEvery {
+		bad[i] = true
+	}
+	unknown := int64(4321)
+	bad[unknown] = true
+	require.NoError(t, j.run(ctx, 1, n, customers, products, badEvery, func(i int64, sku string) string {
+		if i == unknown {
+			return "SKU-NOPE"
+		}
+		return sku
+	}))
+	requireStar(t, db, n, customers, products, bad)
+	cp, err := s.Checkpoint(ctx)
+	require.NoError(t, err)
+	require.Equal(t, strconv.Itoa(n), cp.Cursor)
+	require.Equal(t, int64(len(bad)), cp.Rejects)
+	require.Equal(t, int64(n/4+n)-int64(len(bad)), cp.Rows, "headers and lines, less the rejected lines")
+	var msg, table, col string
+	require.NoError(t, db.Pool.QueryRow(ctx, "SELECT message, table_name, column_name FROM reject WHERE cursor = $1", strconv.FormatInt(unknown, 10)).Scan(&msg, &table, &col))
+	require.Contains(t, msg, "unknown "+db.Schema+".products.sku SKU-NOPE")
+	require.Equal(t, db.Schema+".order_lines", table)
+	require.Equal(t, "product_id", col)
+	require.Equal(t, int64(len(bad)-1), db.Int(t, "SELECT count(*) FROM reject WHERE sqlstate = '23514' AND table_name = $1", db.Schema+".order_lines"))
+	st := j.customers.Stat()
+	require.Equal(t, int64(customers), st.Len(), "every customer resolved was published after its commit")
+}
+
+// TestBatchSetConcurrentGetOrCreate: two jobs creating the same customers at the
+// same time neither fail nor duplicate them.
+func TestBatchSetConcurrentGetOrCreate(t *testing.T) {
+	t.Parallel()
+	db := pgtest.New(t)
+	starSchema(t, db, 100)
+	ctx := context.Background()
+	db.Exec(t, "CREATE TABLE visits (job text, n int, customer_id bigint NOT NULL REFERENCES customers(id), PRIMARY KEY (job, n))")
+	var wg sync.WaitGroup
+	errs := make([]error, 2)
+	for w := range 2 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			job := "visits-" + strconv.Itoa(w)
+			s, err := NewSession(ctx, db.Pool, SessionConfig{Job: job, CheckpointSchema: db.Schema})
+			if err != nil {
+				errs[w] = err
+				return
+			}
+			defer s.Close(ctx)
+			cache, _ := NewCache[string, int64](CacheConfig{})
+			set, err := s.Batches(ctx, BatchConfig{Table: db.Schema + ".visits", Columns: []string{"job", "n", "customer_id"}, CommitRows: 500, CommitInterval: -1,
+				Lookups: []LookupColumn{{Column: "customer_id", Mode: GetOrCreate, Cache: cache,
+					Source: Lookup{Table: db.Schema + ".customers", Key: "email", Value: "id", InsertColumns: []string{"name"}}}}})
+			if err != nil {
+				errs[w] = err
+				return
+			}
+			for i := range 5000 {
+				c := (i*7 + w*3) % 1500
+				if err := set.Add(ctx, strconv.Itoa(i), []any{job, int32(i), fmt.Sprintf("c%d@x", c), fmt.Sprintf("C %d", c)}); err != nil {
+					errs[w] = err
+					return
+				}
+			}
+			errs[w] = set.Close(ctx)
+		}()
+	}
+	wg.Wait()
+	require.NoError(t, errs[0])
+	require.NoError(t, errs[1])
+	require.Equal(t, int64(1500), db.Int(t, "SELECT count(*) FROM customers"))
+	require.Equal(t, int64(10000), db.Int(t, "SELECT count(*) FROM visits"))
+	require.Zero(t, db.Int(t, "SELECT count(*) FROM visits v JOIN customers c ON c.id = v.customer_id WHERE c.email <> format('c%s@x', (v.n*7 + (CASE v.job WHEN 'visits-0' THEN 0 ELSE 3 END)) % 1500)"))
+}
+
+// TestBatchSetUnknownKeyRejectFail: under RejectFail an unknown SKU stops the job,
+// naming the row, after committing the lines before it.
+func TestBatchSetUnknownKeyRejectFail(t *testing.T) {
+	t.Parallel()
+	db := pgtest.New(t)
+	const customers, products = 50, 100
+	starSchema(t, db, products)
+	ctx := context.Background()
+	s, err := NewSession(ctx, db.Pool, SessionConfig{Job: "star-fail", CheckpointSchema: db.Schema})
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = s.Close(ctx) })
+	j := newStarJob(t, db, s, 1000, RejectFail)
+	err = j.run(ctx, 1, 2000, customers, products, 0, func(i int64, sku string) string {
+		if i == 1500 {
+			return "SKU-GONE"
+		}
+		return sku
+	})
+	var berr *BatchError
+	require.ErrorAs(t, err, &berr)
+	require.Equal(t, "1500", berr.Cursor)
+	require.Equal(t, "product_id", berr.Column)
+	require.Contains(t, err.Error(), "unknown "+db.Schema+".products.sku SKU-GONE")
+	require.True(t, berr.Committed)
+	cp, err := ReadCheckpoint(ctx, db.Pool, db.Schema, "star-fail")
+	require.NoError(t, err)
+	require.Equal(t, "1499", cp.Cursor)
+	requireStar(t, db, 1499, customers, products, nil)
+}
