@@ -138,7 +138,11 @@ func (e *BatchError) Error() string {
 	}
 	if e.Err != nil {
 		b.WriteString(": ")
-		b.WriteString(strings.TrimPrefix(e.Err.Error(), "pgetl: "))
+		// The cause's own "pgetl: job …:" prefix would repeat what was said.
+		msg := strings.TrimPrefix(e.Err.Error(), "pgetl: ")
+		msg = strings.TrimPrefix(msg, fmt.Sprintf("job %q batch %d: ", e.Job, e.Seq))
+		msg = strings.TrimPrefix(msg, fmt.Sprintf("job %q: ", e.Job))
+		b.WriteString(msg)
 	}
 	return b.String()
 }
