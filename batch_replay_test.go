@@ -244,3 +244,26 @@ func TestCheckpointWhileOutcomeUnknown(t *testing.T) {
 	bd.requireExactly(t, 1500)
 	require.False(t, errors.Is(s.Close(ctx), ErrInDoubt))
 }
+
+// TestLeaseRenewalSeesTakeover: the renewal service of a session whose job was taken
+// over fences it and says so on its Lost channel; the session's next commit fails
+// with ErrFenced and commits nothing.
+func TestLeaseRenewalSeesTakeover(t *testing.T) {
+	t.Parallel()
+	bd := setupItems(t)
+	ctx := context.Background()
+	old := bd.session(t, "lease", func(c *SessionConfig) { c.Lease = time.Second })
+	b, err := old.Batch(ctx, BatchConfig{Table: bd.table, Columns: itemCols, CommitRows: 100, CommitInterval: -1})
+	require.NoError(t, err)
+	require.NoError(t, load(ctx, b, 1, 100))
+	require.NoError(t, b.Flush(ctx))
+	bd.session(t, "lease", func(c *SessionConfig) { c.Takeover = true })
+	select {
+	case <-old.lease.Lost():
+	case <-time.After(30 * time.Second):
+		t.Fatal("the renewal did not notice the takeover")
+	}
+	require.NoError(t, load(ctx, b, 101, 150))
+	require.ErrorIs(t, b.Flush(ctx), ErrFenced)
+	bd.requireExactly(t, 100)
+}

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -228,14 +229,42 @@ func readCheckpoint(ctx context.Context, db interface {
 	return row, nil
 }
 
-// renew extends the lease every Lease/3 until Close.
-func (s *Session) renew() {
-	defer s.wg.Done()
+// leaseRenewer is the session's background service that extends its lease every
+// Lease/3, from Start until Stop. If the lease was taken over, it fences the session
+// and closes Lost, which tests (and callers through the session's errors) can wait
+// on instead of polling.
+type leaseRenewer struct {
+	s    *Session
+	stop chan struct{}
+	done chan struct{}
+	lost chan struct{} // closed when another session took the job over
+	once sync.Once
+}
+
+func newLeaseRenewer(s *Session) *leaseRenewer {
+	return &leaseRenewer{s: s, stop: make(chan struct{}), done: make(chan struct{}), lost: make(chan struct{})}
+}
+
+// Start starts the renewal loop.
+func (r *leaseRenewer) Start() { go r.run() }
+
+// Stop stops the loop and waits for it. It is idempotent.
+func (r *leaseRenewer) Stop() {
+	r.once.Do(func() { close(r.stop) })
+	<-r.done
+}
+
+// Lost is closed once the lease was found taken over.
+func (r *leaseRenewer) Lost() <-chan struct{} { return r.lost }
+
+func (r *leaseRenewer) run() {
+	defer close(r.done)
+	s := r.s
 	t := time.NewTicker(s.cfg.Lease / 3)
 	defer t.Stop()
 	for {
 		select {
-		case <-s.stop:
+		case <-r.stop:
 			return
 		case <-t.C:
 		}
@@ -251,6 +280,7 @@ func (s *Session) renew() {
 			s.fenced = true
 			s.mu.Unlock()
 			s.log.Error("pgetl: job taken over by another session", "job", s.cfg.Job)
+			close(r.lost)
 			return
 		}
 	}

@@ -91,21 +91,15 @@ type SessionConfig struct {
 	beforeCommit func(ctx context.Context, seq int64, attempt int, pgConn *pgconn.PgConn)
 }
 
-func (c *SessionConfig) setDefaults() error {
-	if c.Job == "" {
-		return errors.New("pgetl: SessionConfig.Job is required")
-	}
-	if strings.IndexByte(c.Job, 0) >= 0 || !utf8.ValidString(c.Job) {
-		return errors.New("pgetl: SessionConfig.Job must be valid UTF-8 without NUL bytes")
-	}
+// withDefaults returns a copy of c with every zero field set to its documented
+// default (River's habit: defaults and validation apart, the caller's value
+// untouched).
+func (c SessionConfig) withDefaults() SessionConfig {
 	if c.CheckpointSchema == "" {
 		c.CheckpointSchema = CheckpointSchemaDefault
 	}
 	if c.Lease == 0 {
 		c.Lease = LeaseDefault
-	}
-	if c.Lease < time.Second {
-		return fmt.Errorf("pgetl: SessionConfig.Lease must be at least 1s, got %v", c.Lease)
 	}
 	g := &c.Guards
 	for _, f := range []struct {
@@ -116,12 +110,27 @@ func (c *SessionConfig) setDefaults() error {
 			*f.p = f.def
 		}
 	}
-	r := &c.Retry
+	c.Retry = c.Retry.withDefaults()
+	return c
+}
+
+// validate reports the first invalid field of c (after withDefaults).
+func (c SessionConfig) validate() error {
+	switch {
+	case c.Job == "":
+		return errors.New("pgetl: SessionConfig.Job is required")
+	case strings.IndexByte(c.Job, 0) >= 0 || !utf8.ValidString(c.Job):
+		return errors.New("pgetl: SessionConfig.Job must be valid UTF-8 without NUL bytes")
+	case c.Lease < time.Second:
+		return fmt.Errorf("pgetl: SessionConfig.Lease must be at least 1s, got %v", c.Lease)
+	}
+	return c.Retry.validate()
+}
+
+// withDefaults returns a copy of r with every zero field set to its default.
+func (r RetryPolicy) withDefaults() RetryPolicy {
 	if r.MaxAttempts == 0 {
 		r.MaxAttempts = MaxAttemptsDefault
-	}
-	if r.MaxAttempts < 1 {
-		return fmt.Errorf("pgetl: RetryPolicy.MaxAttempts must be at least 1, got %d", r.MaxAttempts)
 	}
 	if r.MaxElapsed == 0 {
 		r.MaxElapsed = MaxElapsedDefault
@@ -131,6 +140,13 @@ func (c *SessionConfig) setDefaults() error {
 	}
 	if r.MaxBackoff == 0 {
 		r.MaxBackoff = MaxBackoffDefault
+	}
+	return r
+}
+
+func (r RetryPolicy) validate() error {
+	if r.MaxAttempts < 1 {
+		return fmt.Errorf("pgetl: RetryPolicy.MaxAttempts must be at least 1, got %d", r.MaxAttempts)
 	}
 	if r.MaxElapsed < 0 || r.InitialBackoff < 0 || r.MaxBackoff < 0 {
 		return errors.New("pgetl: RetryPolicy durations must not be negative")
@@ -168,8 +184,7 @@ type Session struct {
 	closeOnce sync.Once
 	closeErr  error
 
-	stop chan struct{}
-	wg   sync.WaitGroup
+	lease *leaseRenewer
 }
 
 // NewSession claims the job cfg.Job and returns its session. It creates the
@@ -180,7 +195,8 @@ func NewSession(ctx context.Context, pool *pgxpool.Pool, cfg SessionConfig) (*Se
 	if pool == nil {
 		return nil, errors.New("pgetl: NewSession needs a pool")
 	}
-	if err := cfg.setDefaults(); err != nil {
+	cfg = cfg.withDefaults()
+	if err := cfg.validate(); err != nil {
 		return nil, err
 	}
 	s := &Session{
@@ -189,7 +205,6 @@ func NewSession(ctx context.Context, pool *pgxpool.Pool, cfg SessionConfig) (*Se
 		owner:  newToken(),
 		schema: pgx.Identifier{cfg.CheckpointSchema}.Sanitize(),
 		log:    cfg.Logger,
-		stop:   make(chan struct{}),
 		clock:  realClock,
 	}
 	if s.log == nil {
@@ -205,8 +220,8 @@ func NewSession(ctx context.Context, pool *pgxpool.Pool, cfg SessionConfig) (*Se
 	if err := s.claim(ctx); err != nil {
 		return nil, err
 	}
-	s.wg.Add(1)
-	go s.renew()
+	s.lease = newLeaseRenewer(s)
+	s.lease.Start()
 	return s, nil
 }
 
@@ -240,8 +255,7 @@ func (s *Session) close(ctx context.Context) error {
 	s.closed = true
 	s.mu.Unlock()
 	s.commitMu.Unlock()
-	close(s.stop)
-	s.wg.Wait()
+	s.lease.Stop()
 	_, err := s.pool.Exec(ctx, `UPDATE `+s.schema+`.checkpoint SET owner = NULL, lease_until = NULL
 		WHERE job = $1 AND owner = $2`, s.cfg.Job, s.owner)
 	if err != nil {
