@@ -190,6 +190,17 @@ func (s *Session) claim(ctx context.Context) error {
 	}
 	s.cp = cp
 	s.nextRow.Store(cp.Rows + cp.Rejects)
+	attrs := []any{"job", s.cfg.Job, "seq", cp.Seq, "rows", cp.Rows, "rejects", cp.Rejects}
+	switch {
+	case s.cfg.Restart:
+		attrs = append(attrs, "restart", true)
+	case cp.Seq > 0:
+		attrs = append(attrs, "resumed_after_cursor", cp.Cursor)
+	}
+	if prev != nil {
+		attrs = append(attrs, "taken_over_from", *prev)
+	}
+	s.log.Info("pgetl: job started", attrs...)
 	return nil
 }
 
@@ -355,7 +366,10 @@ func (s *Session) Finish(ctx context.Context) error {
 	}
 	s.mu.Lock()
 	s.cp.Finished = true
+	cp, st := s.cp, s.stat
 	s.mu.Unlock()
+	s.log.Info("pgetl: job finished", "job", s.cfg.Job, "cursor", cp.Cursor, "rows", cp.Rows, "rejects", cp.Rejects,
+		"session_rows", st.rows, "session_batches", st.batches, "session_txs", st.txs)
 	return nil
 }
 
@@ -479,4 +493,15 @@ func (s *Session) committed(seq int64, cursor *string, rows, rejects, bytes int6
 	s.stat.rows += rows
 	s.stat.rejects += rejects
 	s.stat.bytes += bytes
+	s.log.Debug("pgetl: batch committed", "job", s.cfg.Job, "seq", seq, "rows", rows, "rejects", rejects, "bytes", bytes, "cursor", s.cp.Cursor)
+}
+
+// txCommitted records a committed Session.Tx unit: it advances the checkpoint's
+// sequence like a batch but is counted apart (Stat.Txs). Caller must hold commitMu.
+func (s *Session) txCommitted(seq int64) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.cp.Seq = seq
+	s.cp.UpdatedAt = time.Now()
+	s.stat.txs++
 }

@@ -168,7 +168,7 @@ func ExampleSession_Tx() {
 	}
 	var runs int
 	_ = pool.QueryRow(ctx, "SELECT runs FROM example_tx.runs").Scan(&runs)
-	fmt.Println("runs:", runs, "batches:", s.Stat().Batches())
+	fmt.Println("runs:", runs, "tx units:", s.Stat().Txs(), "batches:", s.Stat().Batches())
 	// Output:
-	// runs: 3 batches: 3
+	// runs: 3 tx units: 3 batches: 0
 }

@@ -8,6 +8,7 @@ import (
 // statCounters are a Session's counters. Guarded by Session.mu.
 type statCounters struct {
 	rows, rejects, batches, bytes int64
+	txs                           int64
 	holdNanos, flushNanos         int64
 	retries                       map[string]int64
 }
@@ -32,8 +33,12 @@ func (st Stat) Rows() int64 { return st.c.rows }
 // Rejects returns the rows the session rejected (committed to the reject sink).
 func (st Stat) Rejects() int64 { return st.c.rejects }
 
-// Batches returns the units of work (batches and Tx calls) the session committed.
+// Batches returns the batches the session committed (Session.Tx calls are counted
+// apart, in Txs, though they take checkpoint sequence numbers too).
 func (st Stat) Batches() int64 { return st.c.batches }
+
+// Txs returns the Session.Tx units the session committed.
+func (st Stat) Txs() int64 { return st.c.txs }
 
 // Bytes returns the encoded bytes of the rows the session committed.
 func (st Stat) Bytes() int64 { return st.c.bytes }

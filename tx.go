@@ -55,7 +55,7 @@ func (s *Session) TxWithOptions(ctx context.Context, opts pgx.TxOptions, fn func
 		return out, err
 	})
 	if err == nil && fnErr == nil {
-		s.committed(seq, nil, 0, 0, 0)
+		s.txCommitted(seq)
 		// The attempt that committed: the last one if it says so, else (the run
 		// settled an in-doubt commit) the one attempt in doubt. Should several have
 		// been in doubt, which one committed is unknown: publish none of them.
