@@ -55,7 +55,7 @@ func (s *Session) setup(ctx context.Context) error {
 	var marker string
 	err := s.pool.QueryRow(ctx, `SELECT CASE WHEN to_regclass($1) IS NOT NULL AND to_regclass($2) IS NOT NULL
 		THEN coalesce(obj_description(to_regprocedure($3), 'pg_proc'), '') ELSE '' END`,
-		sch+".checkpoint", sch+".reject", sch+".advance(text,text,bigint,text,bigint,bigint,interval)").Scan(&marker)
+		sch+".checkpoint", sch+".reject", sch+".advance(text,text,bigint,text,bigint,bigint,interval,bigint)").Scan(&marker)
 	if err != nil {
 		return fmt.Errorf("pgetl: set up checkpoint table in schema %s: %w", sch, err)
 	}
@@ -99,25 +99,32 @@ CREATE TABLE IF NOT EXISTS ` + sch + `.reject (
 );
 ALTER TABLE ` + sch + `.reject ADD COLUMN IF NOT EXISTS table_name text;
 CREATE OR REPLACE FUNCTION ` + sch + `.advance(p_job text, p_owner text, p_seq bigint, p_cursor text,
-	p_rows bigint, p_rejects bigint, p_lease interval) RETURNS void LANGUAGE plpgsql AS $pgetl$
+	p_rows bigint, p_rejects bigint, p_lease interval, p_confirmed bigint) RETURNS void LANGUAGE plpgsql AS $pgetl$
 DECLARE
 	cur_owner text;
 	cur_seq bigint;
+	deadline timestamptz := clock_timestamp() + coalesce(nullif(current_setting('lock_timeout'), '0')::interval, interval '30 seconds');
 BEGIN
-	UPDATE ` + sch + `.checkpoint SET seq = p_seq, cursor = COALESCE(p_cursor, cursor),
-		rows = rows + p_rows, rejects = rejects + p_rejects,
-		lease_until = now() + p_lease, updated_at = now()
-	WHERE job = p_job AND owner = p_owner AND seq = p_seq - 1;
-	IF FOUND THEN
-		RETURN;
-	END IF;
-	SELECT owner, seq INTO cur_owner, cur_seq FROM ` + sch + `.checkpoint WHERE job = p_job;
-	IF cur_owner IS DISTINCT FROM p_owner THEN
-		RAISE EXCEPTION 'pgetl: job % was taken over by another session', p_job USING ERRCODE = 'PGF01';
-	ELSIF cur_seq >= p_seq THEN
-		RAISE EXCEPTION 'pgetl: job % batch % is already committed', p_job, p_seq USING ERRCODE = 'PGF02';
-	END IF;
-	RAISE EXCEPTION 'pgetl: job % checkpoint at batch %, cannot advance to %', p_job, cur_seq, p_seq USING ERRCODE = 'PGF03';
+	LOOP
+		UPDATE ` + sch + `.checkpoint SET seq = p_seq, cursor = COALESCE(p_cursor, cursor),
+			rows = rows + p_rows, rejects = rejects + p_rejects,
+			lease_until = now() + p_lease, updated_at = now()
+		WHERE job = p_job AND owner = p_owner AND seq = p_seq - 1;
+		IF FOUND THEN
+			RETURN;
+		END IF;
+		SELECT owner, seq INTO cur_owner, cur_seq FROM ` + sch + `.checkpoint WHERE job = p_job;
+		IF cur_owner IS DISTINCT FROM p_owner THEN
+			RAISE EXCEPTION 'pgetl: job % was taken over by another session', p_job USING ERRCODE = 'PGF01';
+		ELSIF cur_seq >= p_seq THEN
+			RAISE EXCEPTION 'pgetl: job % batch % is already committed', p_job, p_seq USING ERRCODE = 'PGF02';
+		ELSIF cur_seq < p_confirmed OR clock_timestamp() > deadline THEN
+			RAISE EXCEPTION 'pgetl: job % checkpoint at batch %, cannot advance to %', p_job, cur_seq, p_seq USING ERRCODE = 'PGF03';
+		END IF;
+		-- A batch before this one, which the session sent but has not heard of yet, is
+		-- still on its way (several batches in flight): wait for it to take the row.
+		PERFORM pg_sleep(0.0002);
+	END LOOP;
 END
 $pgetl$;
 CREATE OR REPLACE FUNCTION ` + sch + `.claim(p_job text, p_owner text, p_lease interval, p_takeover bool, p_restart bool)
@@ -151,7 +158,7 @@ BEGIN
 	END IF;
 END
 $pgetl$;
-COMMENT ON FUNCTION ` + sch + `.advance(text,text,bigint,text,bigint,bigint,interval) IS ` + quoteLiteral(schemaMarker) + `;
+COMMENT ON FUNCTION ` + sch + `.advance(text,text,bigint,text,bigint,bigint,interval,bigint) IS ` + quoteLiteral(schemaMarker) + `;
 `
 }
 
@@ -388,15 +395,25 @@ func (s *Session) advanceSQL(seq int64, cursor *string, rows, rejects int64) str
 	if cursor != nil {
 		c = quoteLiteral(*cursor)
 	}
-	return fmt.Sprintf("SELECT %s.advance(%s, %s, %d, %s, %d, %d, '%d milliseconds');",
-		s.schema, quoteLiteral(s.cfg.Job), quoteLiteral(s.owner), seq, c, rows, rejects, s.cfg.Lease.Milliseconds())
+	return fmt.Sprintf("SELECT %s.advance(%s, %s, %d, %s, %d, %d, '%d milliseconds', %d);",
+		s.schema, quoteLiteral(s.cfg.Job), quoteLiteral(s.owner), seq, c, rows, rejects, s.cfg.Lease.Milliseconds(), s.confirmedSeq())
+}
+
+// confirmedSeq is the last sequence this session knows committed: a fence for a later
+// one waits (bounded by lock_timeout) while the checkpoint stands between the two,
+// since the units between are this session's own, still in flight; a checkpoint
+// behind it means committed batches were lost (PGF03 at once).
+func (s *Session) confirmedSeq() int64 {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.cp.Seq
 }
 
 // advanceQuery is advanceSQL as a parameterized statement, whose text is the same
 // for every batch (the statement path: prepared once per connection).
 func (s *Session) advanceQuery(seq int64, cursor *string, rows, rejects int64) (string, []any) {
-	return "SELECT " + s.schema + ".advance($1, $2, $3, $4, $5, $6, $7::interval)",
-		[]any{s.cfg.Job, s.owner, seq, cursor, rows, rejects, s.cfg.Lease}
+	return "SELECT " + s.schema + ".advance($1, $2, $3, $4, $5, $6, $7::interval, $8)",
+		[]any{s.cfg.Job, s.owner, seq, cursor, rows, rejects, s.cfg.Lease, s.confirmedSeq()}
 }
 
 // adjustSQL returns the statement that corrects the counts and cursor recorded by
