@@ -18,7 +18,6 @@ import (
 	"errors"
 	"net"
 	"strconv"
-	"sync"
 	"sync/atomic"
 	"syscall"
 	"testing"
@@ -35,8 +34,6 @@ import (
 type gate struct {
 	refuse  atomic.Bool
 	refused atomic.Int64 // dials refused
-	mu      sync.Mutex
-	armed   *gatedConn
 	cut     chan struct{}
 }
 

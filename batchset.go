@@ -448,18 +448,10 @@ func (set *BatchSet) Close(ctx context.Context) error {
 	return set.closeErr
 }
 
-// setRow names a row of a set batch: table, pending or not, position.
-type setRow struct {
-	part int
-	pend bool
-	i    int
-}
-
 // resolved is what the server reported of a pending row: its lookups' values.
 type resolved struct {
 	idx  int64
 	vals []any // per lookup: the value, or nil when the key is unknown
-	keys []any
 }
 
 // commit commits bt: all its tables' rows, its rejects and its checkpoint in one
