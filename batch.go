@@ -136,6 +136,8 @@ type BatchResult struct {
 	Bytes    int64         // encoded bytes sent
 	Cursor   string        // the checkpoint's cursor after this batch
 	Duration time.Duration // from the first attempt to the commit, retries included
+	Attempts int           // attempts made (1 without retries)
+	InDoubt  bool          // an attempt's outcome was in doubt and found committed
 }
 
 // Reject describes a row rejected under RejectToTable, as written to the reject

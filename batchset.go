@@ -589,13 +589,15 @@ func (set *BatchSet) committed(seq int64, cursor *string, rows int64, rejects []
 	s.mu.Lock()
 	s.stat.flushNanos += int64(d)
 	s.mu.Unlock()
-	if set.cfg.OnCommitFunc != nil {
-		c := ""
-		if cursor != nil {
-			c = *cursor
-		}
-		set.cfg.OnCommitFunc(BatchResult{Job: s.cfg.Job, Seq: seq, Rows: rows, Rejects: int64(len(rejects)), Bytes: sent, Cursor: c, Duration: d})
+	c := ""
+	if cursor != nil {
+		c = *cursor
 	}
+	res := BatchResult{Job: s.cfg.Job, Seq: seq, Rows: rows, Rejects: int64(len(rejects)), Bytes: sent, Cursor: c, Duration: d}
+	if set.cfg.OnCommitFunc != nil {
+		set.cfg.OnCommitFunc(res)
+	}
+	s.notifyCommit(res)
 }
 
 // publish puts the keys the batch's transaction resolved into the lookups' caches:

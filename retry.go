@@ -74,6 +74,8 @@ const (
 // the checkpoint before its next unit of work (and in Checkpoint).
 func (s *Session) run(ctx context.Context, seq int64, attempt func(ctx context.Context, n int) (commitOutcome, error)) error {
 	start := time.Now()
+	attempts, settled := 0, false
+	defer func() { s.noteUnit(seq, attempts, settled) }()
 	doubt := false // an attempt's COMMIT may have run and no later attempt settled it
 	inDoubt := func(err error) error {
 		if !doubt {
@@ -86,6 +88,7 @@ func (s *Session) run(ctx context.Context, seq int64, attempt func(ctx context.C
 	}
 	for n := 1; ; n++ {
 		outcome, err := attempt(ctx, n)
+		attempts = n
 		if outcome == outcomeCommitted {
 			return nil
 		}
@@ -96,6 +99,7 @@ func (s *Session) run(ctx context.Context, seq int64, attempt func(ctx context.C
 				// attempt's COMMIT went through after all.
 				s.log.Info("pgetl: in-doubt commit resolved by the replay's fence: committed", "job", s.cfg.Job, "seq", seq)
 				s.count("in_doubt_committed")
+				settled = true
 				return nil
 			case pg.Code == codeAlreadyCommitted:
 				s.mu.Lock()
@@ -127,6 +131,7 @@ func (s *Session) run(ctx context.Context, seq int64, attempt func(ctx context.C
 			case rerr == nil && committed:
 				s.log.Info("pgetl: in-doubt commit resolved: committed", "job", s.cfg.Job, "seq", seq)
 				s.count("in_doubt_committed")
+				settled = true
 				return nil
 			case rerr == nil:
 				doubt = false // resolved: not committed; replay
@@ -147,6 +152,44 @@ func (s *Session) run(ctx context.Context, seq int64, attempt func(ctx context.C
 		if werr := s.retryWait(ctx, seq, n, start, err); werr != nil {
 			return inDoubt(werr)
 		}
+	}
+}
+
+// unitStat is what run learned of a unit of work, for its BatchResult.
+type unitStat struct {
+	attempts int
+	inDoubt  bool
+}
+
+// noteUnit accumulates run's account of unit seq (a batch may run several times:
+// isolating rejects, committing the rows before a bad one).
+func (s *Session) noteUnit(seq int64, attempts int, inDoubt bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.units == nil {
+		s.units = map[int64]unitStat{}
+	}
+	u := s.units[seq]
+	u.attempts += attempts
+	u.inDoubt = u.inDoubt || inDoubt
+	s.units[seq] = u
+}
+
+// notifyCommit completes res with run's account of its unit and calls the session's
+// OnCommitFunc.
+func (s *Session) notifyCommit(res BatchResult) {
+	s.mu.Lock()
+	u := s.units[res.Seq]
+	delete(s.units, res.Seq)
+	for seq := range s.units {
+		if seq < res.Seq {
+			delete(s.units, seq) // units that did not commit
+		}
+	}
+	s.mu.Unlock()
+	res.Attempts, res.InDoubt = u.attempts, u.inDoubt
+	if s.cfg.OnCommitFunc != nil {
+		s.cfg.OnCommitFunc(res)
 	}
 }
 

@@ -81,6 +81,12 @@ type SessionConfig struct {
 	// OnRetryFunc, if set, is called before each retry of a failed attempt.
 	OnRetryFunc func(RetryEvent)
 
+	// OnCommitFunc, if set, is called after every batch of the session commits (of
+	// every BatchSession and BatchSet, after their own BatchConfig.OnCommitFunc),
+	// from the goroutine that committed it: observability integrations (see
+	// contrib/otel) hook in here. It must not block for long.
+	OnCommitFunc func(BatchResult)
+
 	// skipCheckpoint leaves the checkpoint out of batch transactions, for the
 	// benchmark that measures its cost. Never set outside benchmarks: without the
 	// checkpoint there is no fencing and no in-doubt resolution.
@@ -175,6 +181,7 @@ type Session struct {
 	closing bool // Close has begun: no new batch sessions
 	fenced  bool
 	lost    *CheckpointLostError       // the database lost committed batches: every call fails with it
+	units   map[int64]unitStat         // per unit of work being committed: attempts, in-doubt outcome
 	resync  bool                       // cp.Seq may be behind the database after an abandoned in-doubt commit
 	batches map[*BatchSession]struct{} // open batch sessions, closed by Close
 	stat    statCounters
