@@ -30,6 +30,9 @@ const (
 	// CommitIntervalDefault is how often buffered rows are committed at least, even
 	// when the source is slow: progress is saved and the connection is exercised.
 	CommitIntervalDefault = 5 * time.Second
+	// InFlightDefault is the number of batches committing at once (see
+	// BatchConfig.InFlight).
+	InFlightDefault = 2
 )
 
 // slowStartRows is the size of a batch session's first batch; the next ones double
@@ -94,6 +97,12 @@ type BatchConfig struct {
 	// CommitInterval commits buffered rows at least this often, also while the source
 	// is idle. Defaults to CommitIntervalDefault; negative disables it.
 	CommitInterval time.Duration
+	// InFlight is how many batches may be committing at once, each on its own
+	// pooled connection: batch n+1 is sent while n commits, its fence waits on the
+	// server for n's COMMIT, so batches still commit in order and exactly once. It
+	// hides a long link's round trips. Defaults to InFlightDefault; 1 commits one
+	// batch at a time.
+	InFlight int
 
 	// Rejects is the bad-row policy. Defaults to RejectFail.
 	Rejects RejectPolicy
