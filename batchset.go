@@ -51,7 +51,12 @@ type BatchSet struct {
 	closeOnce sync.Once
 	closeErr  error
 
-	inflight *setBatch // the batch being committed; only the flusher touches it
+	// Batches in flight (InFlight > 1): at most InFlight units commit at once, and
+	// record their results in order.
+	slots    chan struct{}
+	lastDone chan struct{}        // closed once the last unit submitted is recorded
+	unitsMu  sync.Mutex           // guards units
+	units    map[int64]*setUnit   // units in flight, by sequence
 }
 
 // setBatch is one batch of a set: per table, the rows whose lookups are resolved
@@ -104,6 +109,17 @@ func (s *Session) Batches(ctx context.Context, cfgs ...BatchConfig) (*BatchSet, 
 		set.parts = append(set.parts, b)
 	}
 	set.cfg = set.parts[0].cfg
+	inFlight := set.cfg.InFlight
+	if inFlight == 0 {
+		inFlight = InFlightDefault
+	}
+	if inFlight < 1 {
+		return nil, fmt.Errorf("pgetl: BatchConfig.InFlight must be at least 1, got %d", inFlight)
+	}
+	set.slots = make(chan struct{}, inFlight)
+	set.lastDone = make(chan struct{})
+	close(set.lastDone)
+	set.units = map[int64]*setUnit{}
 	set.limit = set.cfg.CommitRows
 	if slowStart {
 		set.limit = min(set.cfg.CommitRows, slowStartRows)
@@ -394,8 +410,10 @@ func (set *BatchSet) loop() {
 			}
 			var err error
 			if req.bt != nil {
-				err = set.commit(req.ctx, req.bt)
+				err = set.commitNext(req.ctx, req.bt, req.done != nil)
 				lastCommit = time.Now()
+			} else if req.done != nil && cap(set.slots) > 1 {
+				<-set.lastDone // a barrier: every unit submitted is recorded
 			}
 			if req.done != nil {
 				set.mu.Lock()
@@ -418,7 +436,7 @@ func (set *BatchSet) loop() {
 			set.sendMu.Unlock()
 			lastCommit = time.Now()
 			if bt != nil {
-				_ = set.commit(set.bg, bt)
+				_ = set.commitNext(set.bg, bt, false)
 			}
 		}
 	}
@@ -442,6 +460,7 @@ func (set *BatchSet) Close(ctx context.Context) error {
 		close(set.queue)
 		set.sendMu.Unlock()
 		set.wg.Wait()
+		<-set.lastDone // units still in flight (a failed Flush)
 		set.stop()
 		set.closeErr = err
 	})
@@ -454,9 +473,28 @@ type resolved struct {
 	vals []any // per lookup: the value, or nil when the key is unknown
 }
 
-// commit commits bt: all its tables' rows, its rejects and its checkpoint in one
-// transaction, retried as a whole. A data error the server pins to a row (a COPY
-// line) rejects that row or, under RejectFail, commits the rows before it and stops.
+// unitResult is what a unit of work (one batch of the set) committed, recorded by
+// record once every unit before it is.
+type unitResult struct {
+	seq     int64
+	cursor  *string
+	rows    int64
+	rejects []Reject
+	sent    int64
+	t0      time.Time
+	report  []resolved
+	bt      *setBatch
+}
+
+// setUnit is a batch of the set in flight (InFlight > 1).
+type setUnit struct {
+	seq    int64
+	cancel context.CancelFunc
+	ran    chan struct{} // closed when its commit attempts are over (before it records)
+}
+
+// commit commits bt, one batch at a time (InFlight 1): all its tables' rows, its
+// rejects and its checkpoint in one transaction, retried as a whole.
 func (set *BatchSet) commit(ctx context.Context, bt *setBatch) (err error) {
 	s := set.s
 	s.commitMu.Lock()
@@ -466,32 +504,141 @@ func (set *BatchSet) commit(ctx context.Context, bt *setBatch) (err error) {
 			set.fail(err)
 		}
 	}()
+	if err := set.ready(ctx); err != nil {
+		return err
+	}
+	res, err := set.commitUnit(ctx, bt, s.nextSeq())
+	if res != nil {
+		set.record(res)
+	}
+	return err
+}
+
+// commitNext commits bt one batch at a time (InFlight 1), or submits it to commit
+// while earlier batches are in flight; with wait, it returns once bt and every batch
+// before it are recorded.
+func (set *BatchSet) commitNext(ctx context.Context, bt *setBatch, wait bool) error {
+	if cap(set.slots) == 1 {
+		return set.commit(ctx, bt)
+	}
+	done := set.submit(ctx, bt)
+	if !wait {
+		return nil
+	}
+	<-done
 	set.mu.Lock()
-	err = set.err
+	defer set.mu.Unlock()
+	return set.err
+}
+
+// ready reports why the set cannot commit: its sticky error, the session's state, a
+// checkpoint that cannot be re-read. Caller holds s.commitMu with no unit in flight.
+func (set *BatchSet) ready(ctx context.Context) error {
+	set.mu.Lock()
+	err := set.err
 	set.mu.Unlock()
 	if err != nil {
 		return err
 	}
-	if err := s.usable(); err != nil {
+	if err := set.s.usable(); err != nil {
 		return err
 	}
-	if err := s.sync(ctx); err != nil {
-		return err
+	return set.s.sync(ctx)
+}
+
+// submit starts committing bt as the next unit while up to InFlight-1 earlier ones
+// still commit (its fence waits on the server for theirs), and returns a channel
+// closed once its result is recorded, in order.
+func (set *BatchSet) submit(ctx context.Context, bt *setBatch) <-chan struct{} {
+	s := set.s
+	done := make(chan struct{})
+	prev := set.lastDone
+	set.lastDone = done
+	set.slots <- struct{}{}
+	s.commitMu.Lock()
+	if s.needsSync() {
+		s.flight.Wait() // a failure left the checkpoint to re-read: let the others end
+		s.unreserve()
 	}
+	err := set.ready(ctx)
+	var seq int64
+	if err == nil {
+		seq = s.reserveSeq()
+		s.flight.Add(1)
+	}
+	s.commitMu.Unlock()
+	if err != nil {
+		set.fail(err)
+		go func() { <-prev; <-set.slots; close(done) }()
+		return done
+	}
+	uctx, cancel := context.WithCancel(ctx)
+	u := &setUnit{seq: seq, cancel: cancel, ran: make(chan struct{})}
+	set.unitsMu.Lock()
+	set.units[seq] = u
+	set.unitsMu.Unlock()
+	go func() {
+		defer close(done)
+		defer func() { <-set.slots }()
+		defer s.flight.Done()
+		defer cancel()
+		res, err := set.commitUnit(uctx, bt, seq)
+		close(u.ran)
+		<-prev
+		set.unitsMu.Lock()
+		delete(set.units, seq)
+		set.unitsMu.Unlock()
+		set.mu.Lock()
+		failed := set.err != nil
+		set.mu.Unlock()
+		if res != nil && (err != nil || !failed) {
+			set.record(res)
+		}
+		if err != nil {
+			set.fail(err)
+			set.abortAfter(seq)
+		}
+	}()
+	return done
+}
+
+// abortAfter cancels the units in flight after seq and waits until their attempts are
+// over: their fences wait for seq, which is not going to commit what they follow
+// (it failed, or committed only the rows before a bad one), so none of them may
+// commit. A canceled attempt's backend is ended by in-doubt resolution, which reads
+// the checkpoint after it.
+func (set *BatchSet) abortAfter(seq int64) {
+	set.unitsMu.Lock()
+	var later []*setUnit
+	for q, u := range set.units {
+		if q > seq {
+			later = append(later, u)
+		}
+	}
+	set.unitsMu.Unlock()
+	for _, u := range later {
+		u.cancel()
+	}
+	for _, u := range later {
+		<-u.ran
+	}
+}
+
+// commitUnit commits bt as unit seq: retried as a whole; a data error the server
+// pins to a row (a COPY line) rejects that row or, under RejectFail, commits the rows
+// before it and stops. It returns what committed (nil if nothing) for record.
+func (set *BatchSet) commitUnit(ctx context.Context, bt *setBatch, seq int64) (*unitResult, error) {
+	s := set.s
 	t0 := time.Now()
-	seq := s.nextSeq()
-	set.inflight = bt
-	defer func() { set.inflight = nil }()
 	skip := map[int64]bool{} // rows rejected while committing
 	rejects := append([]Reject(nil), bt.rej...)
 	cursor := bt.last
 	for {
 		if err := set.checkRejects(&setBatch{}, rejects); err != nil {
-			return err
+			return nil, err
 		}
 		var report []resolved
-		var sent int64
-		var rows int64
+		var sent, rows int64
 		var unknown []Reject
 		err := s.run(ctx, seq, func(ctx context.Context, n int) (commitOutcome, error) {
 			out, r, nbytes, nrows, unk, err := set.attempt(ctx, seq, n, bt, skip, rejects, cursor)
@@ -499,10 +646,8 @@ func (set *BatchSet) commit(ctx context.Context, bt *setBatch) (err error) {
 			return out, err
 		})
 		if err == nil {
-			all := append(rejects, unknown...)
-			set.committed(seq, cursor, rows-int64(len(unknown)), all, sent, t0)
-			set.publish(bt, report)
-			return nil
+			return &unitResult{seq: seq, cursor: cursor, rows: rows - int64(len(unknown)), rejects: append(rejects, unknown...),
+				sent: sent, t0: t0, report: report, bt: bt}, nil
 		}
 		pg := pgErrorOf(err)
 		var rerr *setRowError
@@ -511,11 +656,12 @@ func (set *BatchSet) commit(ctx context.Context, bt *setBatch) (err error) {
 				// RejectFail and a key no dimension holds: stop at the first such row.
 				rerr = &setRowError{row: unknown[0].Row, reject: unknown[0]}
 			} else {
-				return &BatchError{Job: s.cfg.Job, Seq: seq, Row: -1, SQLState: sqlState(pg), Err: err}
+				return nil, &BatchError{Job: s.cfg.Job, Seq: seq, Row: -1, SQLState: sqlState(pg), Err: err}
 			}
 		}
 		rej := rerr.reject
 		if set.cfg.Rejects == RejectFail {
+			set.abortAfter(seq)
 			return set.failAt(ctx, seq, bt, skip, rejects, rej, pg, t0)
 		}
 		rejects = append(rejects, rej)
@@ -525,7 +671,7 @@ func (set *BatchSet) commit(ctx context.Context, bt *setBatch) (err error) {
 
 // failAt commits the rows added before rej's row (RejectFail), with the checkpoint at
 // the cursor of the last of them, then returns rej as a *BatchError.
-func (set *BatchSet) failAt(ctx context.Context, seq int64, bt *setBatch, skip map[int64]bool, rejects []Reject, rej Reject, pg *pgconn.PgError, t0 time.Time) error {
+func (set *BatchSet) failAt(ctx context.Context, seq int64, bt *setBatch, skip map[int64]bool, rejects []Reject, rej Reject, pg *pgconn.PgError, t0 time.Time) (*unitResult, error) {
 	s := set.s
 	code := rej.SQLState
 	berr := &BatchError{Job: s.cfg.Job, Seq: seq, Row: rej.Row, Cursor: rej.Cursor, Column: rej.Column, SQLState: code,
@@ -560,7 +706,7 @@ func (set *BatchSet) failAt(ctx context.Context, seq int64, bt *setBatch, skip m
 		}
 	}
 	if cursor == nil {
-		return berr
+		return nil, berr
 	}
 	for idx := range skip {
 		cut[idx] = true
@@ -574,12 +720,18 @@ func (set *BatchSet) failAt(ctx context.Context, seq int64, bt *setBatch, skip m
 		return out, err
 	})
 	if err != nil {
-		return fmt.Errorf("%w (and committing the rows before it failed: %w)", berr, err)
+		return nil, fmt.Errorf("%w (and committing the rows before it failed: %w)", berr, err)
 	}
-	set.committed(seq, cursor, rows-int64(len(unknown)), append(keep, unknown...), sent, t0)
-	set.publish(bt, report)
 	berr.Committed = true
-	return berr
+	return &unitResult{seq: seq, cursor: cursor, rows: rows - int64(len(unknown)), rejects: append(keep, unknown...),
+		sent: sent, t0: t0, report: report, bt: bt}, berr
+}
+
+// record accounts for a committed unit: checkpoint, counts, OnCommitFunc, and the
+// keys its transaction resolved into the lookups' caches.
+func (set *BatchSet) record(r *unitResult) {
+	set.committed(r.seq, r.cursor, r.rows, r.rejects, r.sent, r.t0)
+	set.publish(r.bt, r.report)
 }
 
 func (set *BatchSet) committed(seq int64, cursor *string, rows int64, rejects []Reject, sent int64, t0 time.Time) {
@@ -731,7 +883,7 @@ func (set *BatchSet) attempt(ctx context.Context, seq int64, n int, bt *setBatch
 		if len(vals) < 2 || string(vals[0]) != "pgetl_lk" {
 			return // the fence's and other functions' results
 		}
-		r, unk, derr := set.decodeReport(vals[1:], seq)
+		r, unk, derr := set.decodeReport(bt, vals[1:])
 		if derr != nil && decodeErr == nil {
 			decodeErr = derr
 		}
@@ -877,7 +1029,7 @@ func (b *BatchSession) resolveSQL(stage string, seq int64, upsert bool, p int, p
 
 // decodeReport decodes one reported row: a staged row's index and its lookups'
 // values (text). A row with an unresolved lookup is returned as a reject too.
-func (set *BatchSet) decodeReport(vals [][]byte, seq int64) (resolved, *Reject, error) {
+func (set *BatchSet) decodeReport(bt *setBatch, vals [][]byte) (resolved, *Reject, error) {
 	var r resolved
 	if len(vals) < 1 {
 		return r, nil, errors.New("pgetl: bad lookup report")
@@ -887,7 +1039,7 @@ func (set *BatchSet) decodeReport(vals [][]byte, seq int64) (resolved, *Reject, 
 		return r, nil, fmt.Errorf("pgetl: bad lookup report: %w", err)
 	}
 	r.idx = idx
-	b, i := set.pendingRow(idx)
+	b, i := set.pendingRow(bt, idx)
 	if b == nil {
 		return r, nil, fmt.Errorf("pgetl: lookup report names row %d, which is not in the batch", idx)
 	}
@@ -901,7 +1053,7 @@ func (set *BatchSet) decodeReport(vals [][]byte, seq int64) (resolved, *Reject, 
 		if vals[1+j] == nil {
 			if unk == nil {
 				unk = &Reject{Row: idx, SQLState: "23503", Column: lc.Column, Table: b.cfg.Table,
-					Message: fmt.Sprintf("unknown %s.%s %v", lc.Source.Table, lc.Source.Key, set.keyOf(p, i, j))}
+					Message: fmt.Sprintf("unknown %s.%s %v", lc.Source.Table, lc.Source.Key, bt.keys[p][i][j])}
 			}
 			continue
 		}
@@ -912,7 +1064,7 @@ func (set *BatchSet) decodeReport(vals [][]byte, seq int64) (resolved, *Reject, 
 		r.vals[j] = ptr.Elem().Interface()
 	}
 	if unk != nil {
-		unk.Cursor = set.cursorOf(p, i)
+		unk.Cursor = bt.pend[p].cursors[i]
 	}
 	return r, unk, nil
 }
@@ -926,13 +1078,8 @@ func indexOfPart(parts []*BatchSession, b *BatchSession) int {
 	return -1
 }
 
-// pendingRow finds the table and position of pending row idx in the batch being
-// committed (set.inflight).
-func (set *BatchSet) pendingRow(idx int64) (*BatchSession, int) {
-	bt := set.inflight
-	if bt == nil {
-		return nil, -1
-	}
+// pendingRow finds the table and position of pending row idx in bt.
+func (set *BatchSet) pendingRow(bt *setBatch, idx int64) (*BatchSession, int) {
 	for p, b := range set.parts {
 		ix := bt.pend[p].idx
 		i := sort.Search(len(ix), func(i int) bool { return ix[i] >= idx })
@@ -942,9 +1089,6 @@ func (set *BatchSet) pendingRow(idx int64) (*BatchSession, int) {
 	}
 	return nil, -1
 }
-
-func (set *BatchSet) keyOf(p, i, j int) any    { return set.inflight.keys[p][i][j] }
-func (set *BatchSet) cursorOf(p, i int) string { return set.inflight.pend[p].cursors[i] }
 
 // rejectSQL returns the INSERT of rejects into the reject table, or "".
 func (set *BatchSet) rejectSQL(seq int64, rejects []Reject) string {

@@ -3,11 +3,15 @@ package pgetl
 import (
 	"context"
 	"fmt"
+	"math/rand/v2"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/stretchr/testify/require"
 
 	"github.com/pgetl/pgetl/internal/pgtest"
@@ -233,4 +237,71 @@ func TestBatchSetUnknownKeyRejectFail(t *testing.T) {
 	require.NoError(t, err)
 	require.Equal(t, "1499", cp.Cursor)
 	requireStar(t, db, 1499, customers, products, nil)
+}
+
+// TestBatchSetInFlightUnderFaults: four batches in flight while backends are
+// terminated at random points (before, during and after their fences) and bad lines
+// are isolated: the tables are exact, every batch commits once, in order, and the
+// checkpoint's cursor only moves forward.
+func TestBatchSetInFlightUnderFaults(t *testing.T) {
+	t.Parallel()
+	db := pgtest.New(t)
+	const n, customers, products, badEvery = 30_000, 700, 1000, 1499
+	starSchema(t, db, products)
+	ctx := context.Background()
+	killer, err := pgxpool.New(ctx, db.URL)
+	require.NoError(t, err)
+	t.Cleanup(killer.Close)
+	rng := rand.New(rand.NewPCG(7, 11))
+	var rngMu sync.Mutex
+	var kills atomic.Int64
+	hook := func(_ context.Context, seq int64, attempt int, pgc *pgconn.PgConn) {
+		rngMu.Lock()
+		kill, delay := attempt == 1 && rng.IntN(3) == 0, time.Duration(rng.IntN(3000))*time.Microsecond
+		rngMu.Unlock()
+		if !kill {
+			return
+		}
+		pid := pgc.PID()
+		go func() {
+			time.Sleep(delay)
+			var ok bool
+			if killer.QueryRow(ctx, "SELECT pg_terminate_backend($1::int)", int64(pid)).Scan(&ok) == nil && ok {
+				kills.Add(1)
+			}
+		}()
+	}
+	pool, err := pgxpool.New(ctx, db.URL)
+	require.NoError(t, err)
+	t.Cleanup(pool.Close)
+	s, err := NewSession(ctx, pool, SessionConfig{Job: "star-inflight", CheckpointSchema: db.Schema, beforeCommit: hook,
+		Retry: RetryPolicy{InitialBackoff: 5 * time.Millisecond, MaxBackoff: 50 * time.Millisecond, MaxAttempts: 50}})
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = s.Close(ctx) })
+	j := newStarJob(t, db, s, 2000, RejectToTable)
+	var lastSeq int64
+	var lastCursor int64
+	var order []string
+	j.cfgs[0].InFlight = 4
+	j.cfgs[0].OnCommitFunc = func(r BatchResult) {
+		c, _ := strconv.ParseInt(r.Cursor, 10, 64)
+		if r.Seq != lastSeq+1 || c < lastCursor {
+			order = append(order, fmt.Sprintf("seq %d after %d, cursor %d after %d", r.Seq, lastSeq, c, lastCursor))
+		}
+		lastSeq, lastCursor = r.Seq, c
+	}
+	bad := map[int64]bool{}
+	for i := int64(badEvery); i <= n; i += badEvery {
+		bad[i] = true
+	}
+	require.NoError(t, j.run(ctx, 1, n, customers, products, badEvery, nil))
+	require.Empty(t, order, "batches committed out of order")
+	requireStar(t, db, n, customers, products, bad)
+	cp, err := ReadCheckpoint(ctx, db.Pool, db.Schema, "star-inflight")
+	require.NoError(t, err)
+	require.Equal(t, strconv.Itoa(n), cp.Cursor)
+	require.Equal(t, int64(len(bad)), cp.Rejects)
+	require.Equal(t, lastSeq, cp.Seq)
+	t.Logf("%d batches, %d backends terminated, retries %v", cp.Seq, kills.Load(), s.Stat().Retries())
+	require.Positive(t, kills.Load())
 }

@@ -360,6 +360,7 @@ func ReadCheckpoint(ctx context.Context, db interface {
 func (s *Session) Finish(ctx context.Context) error {
 	s.commitMu.Lock()
 	defer s.commitMu.Unlock()
+	s.drain()
 	if err := s.usable(); err != nil {
 		return err
 	}
@@ -483,8 +484,42 @@ func (s *Session) gap(ctx context.Context, seq int64, cause error) error {
 	if row.Seq < s.cp.Seq {
 		return s.checkpointLost(row)
 	}
-	s.resync = true
-	return fmt.Errorf("pgetl: job %q batch %d: the checkpoint stands at batch %d: %w", s.cfg.Job, seq, row.Seq, cause)
+	return fmt.Errorf("pgetl: job %q batch %d: the checkpoint stands at batch %d: %w: %w", s.cfg.Job, seq, row.Seq, errPredecessorPending, cause)
+}
+
+// errPredecessorPending marks a fence that gave up waiting for the session's own
+// batches before it (in flight, being retried): transient.
+var errPredecessorPending = errors.New("a batch before it has not committed yet")
+
+// reserveSeq hands the next sequence to a unit of work that commits while earlier
+// ones may still be in flight. Caller must hold commitMu.
+func (s *Session) reserveSeq() int64 {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.reserved = max(s.reserved, s.cp.Seq) + 1
+	return s.reserved
+}
+
+// unreserve forgets the sequences of units that did not commit, once none is in
+// flight. Caller must hold commitMu.
+func (s *Session) unreserve() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.reserved = s.cp.Seq
+}
+
+// needsSync reports whether the checkpoint must be re-read before the next unit.
+func (s *Session) needsSync() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.resync
+}
+
+// drain waits until no unit of work is in flight and forgets the sequences of those
+// that did not commit. Caller must hold commitMu (so no unit starts meanwhile).
+func (s *Session) drain() {
+	s.flight.Wait()
+	s.unreserve()
 }
 
 // nextSeq returns the sequence number of the next unit of work. Caller must hold

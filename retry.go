@@ -110,7 +110,13 @@ func (s *Session) run(ctx context.Context, seq int64, attempt func(ctx context.C
 				s.fence()
 				return fmt.Errorf("%w: job %q batch %d: %w", ErrFenced, s.cfg.Job, seq, err)
 			case pg.Code == codeCheckpointGap:
-				return s.gap(context.WithoutCancel(ctx), seq, err)
+				gerr := s.gap(context.WithoutCancel(ctx), seq, err)
+				if !errors.Is(gerr, errPredecessorPending) {
+					return gerr
+				}
+				// A batch before this one, in flight, has not committed within
+				// lock_timeout (it is being retried): wait and try again.
+				err = gerr
 			case pg.Severity == "ERROR" && isDataError(pg.Code):
 				// Data errors come after the fence: this attempt passed it, so no
 				// earlier attempt had committed.
@@ -255,6 +261,9 @@ var realClock = clock{
 }
 
 func retryClass(err error) string {
+	if errors.Is(err, errPredecessorPending) {
+		return "predecessor_pending"
+	}
 	if pg := pgErrorOf(err); pg != nil {
 		switch {
 		case pg.Code == "40001":
@@ -293,6 +302,9 @@ func (s *Session) count(class string) {
 func IsTransient(err error) bool {
 	if err == nil {
 		return false
+	}
+	if errors.Is(err, errPredecessorPending) {
+		return true
 	}
 	if errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
 		// A deadline inside pgconn on a live connection is reported as a timeout; the

@@ -182,6 +182,8 @@ type Session struct {
 	fenced  bool
 	lost    *CheckpointLostError       // the database lost committed batches: every call fails with it
 	units   map[int64]unitStat         // per unit of work being committed: attempts, in-doubt outcome
+	reserved int64                     // the last sequence handed to a unit (batches in flight)
+	flight   sync.WaitGroup            // units of work in flight (pipelined batches)
 	resync  bool                       // cp.Seq may be behind the database after an abandoned in-doubt commit
 	batches map[*BatchSession]struct{} // open batch sessions, closed by Close
 	stat    statCounters

@@ -29,6 +29,7 @@ func (s *Session) Tx(ctx context.Context, fn func(pgx.Tx) error) error {
 func (s *Session) TxWithOptions(ctx context.Context, opts pgx.TxOptions, fn func(pgx.Tx) error) error {
 	s.commitMu.Lock()
 	defer s.commitMu.Unlock()
+	s.drain() // batches in flight commit first
 	if err := s.usable(); err != nil {
 		return err
 	}
