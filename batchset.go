@@ -54,9 +54,9 @@ type BatchSet struct {
 	// Batches in flight (InFlight > 1): at most InFlight units commit at once, and
 	// record their results in order.
 	slots    chan struct{}
-	lastDone chan struct{}        // closed once the last unit submitted is recorded
-	unitsMu  sync.Mutex           // guards units
-	units    map[int64]*setUnit   // units in flight, by sequence
+	lastDone chan struct{}      // closed once the last unit submitted is recorded
+	unitsMu  sync.Mutex         // guards units
+	units    map[int64]*setUnit // units in flight, by sequence
 }
 
 // setBatch is one batch of a set: per table, the rows whose lookups are resolved

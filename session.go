@@ -175,18 +175,18 @@ type Session struct {
 
 	commitMu sync.Mutex // serializes commits; held across one unit of work
 
-	mu      sync.Mutex // guards the fields below
-	cp      Checkpoint // as last committed by this session
-	closed  bool
-	closing bool // Close has begun: no new batch sessions
-	fenced  bool
-	lost    *CheckpointLostError       // the database lost committed batches: every call fails with it
-	units   map[int64]unitStat         // per unit of work being committed: attempts, in-doubt outcome
-	reserved int64                     // the last sequence handed to a unit (batches in flight)
-	flight   sync.WaitGroup            // units of work in flight (pipelined batches)
-	resync  bool                       // cp.Seq may be behind the database after an abandoned in-doubt commit
-	batches map[*BatchSession]struct{} // open batch sessions, closed by Close
-	stat    statCounters
+	mu       sync.Mutex // guards the fields below
+	cp       Checkpoint // as last committed by this session
+	closed   bool
+	closing  bool // Close has begun: no new batch sessions
+	fenced   bool
+	lost     *CheckpointLostError       // the database lost committed batches: every call fails with it
+	units    map[int64]unitStat         // per unit of work being committed: attempts, in-doubt outcome
+	reserved int64                      // the last sequence handed to a unit (batches in flight)
+	flight   sync.WaitGroup             // units of work in flight (pipelined batches)
+	resync   bool                       // cp.Seq may be behind the database after an abandoned in-doubt commit
+	batches  map[*BatchSession]struct{} // open batch sessions, closed by Close
+	stat     statCounters
 
 	nextRow atomic.Int64 // job-wide index of the next row passed to any BatchSession.Add
 
