@@ -51,12 +51,7 @@ type BatchSet struct {
 	closeOnce sync.Once
 	closeErr  error
 
-	// Batches in flight (InFlight > 1): at most InFlight units commit at once, and
-	// record their results in order.
-	slots    chan struct{}
-	lastDone chan struct{}      // closed once the last unit submitted is recorded
-	unitsMu  sync.Mutex         // guards units
-	units    map[int64]*setUnit // units in flight, by sequence
+	pipe *pipeline // batches in flight
 }
 
 // setBatch is one batch of a set: per table, the rows whose lookups are resolved
@@ -116,10 +111,7 @@ func (s *Session) Batches(ctx context.Context, cfgs ...BatchConfig) (*BatchSet, 
 	if inFlight < 1 {
 		return nil, fmt.Errorf("pgetl: BatchConfig.InFlight must be at least 1, got %d", inFlight)
 	}
-	set.slots = make(chan struct{}, inFlight)
-	set.lastDone = make(chan struct{})
-	close(set.lastDone)
-	set.units = map[int64]*setUnit{}
+	set.pipe = newPipeline(s, inFlight)
 	set.limit = set.cfg.CommitRows
 	if slowStart {
 		set.limit = min(set.cfg.CommitRows, slowStartRows)
@@ -412,8 +404,8 @@ func (set *BatchSet) loop() {
 			if req.bt != nil {
 				err = set.commitNext(req.ctx, req.bt, req.done != nil)
 				lastCommit = time.Now()
-			} else if req.done != nil && cap(set.slots) > 1 {
-				<-set.lastDone // a barrier: every unit submitted is recorded
+			} else if req.done != nil {
+				set.pipe.wait() // a barrier: every batch submitted is recorded
 			}
 			if req.done != nil {
 				set.mu.Lock()
@@ -460,7 +452,7 @@ func (set *BatchSet) Close(ctx context.Context) error {
 		close(set.queue)
 		set.sendMu.Unlock()
 		set.wg.Wait()
-		<-set.lastDone // units still in flight (a failed Flush)
+		set.pipe.wait() // batches still in flight (after a failed Flush)
 		set.stop()
 		set.closeErr = err
 	})
@@ -484,13 +476,6 @@ type unitResult struct {
 	t0      time.Time
 	report  []resolved
 	bt      *setBatch
-}
-
-// setUnit is a batch of the set in flight (InFlight > 1).
-type setUnit struct {
-	seq    int64
-	cancel context.CancelFunc
-	ran    chan struct{} // closed when its commit attempts are over (before it records)
 }
 
 // commit commits bt, one batch at a time (InFlight 1): all its tables' rows, its
@@ -518,10 +503,16 @@ func (set *BatchSet) commit(ctx context.Context, bt *setBatch) (err error) {
 // while earlier batches are in flight; with wait, it returns once bt and every batch
 // before it are recorded.
 func (set *BatchSet) commitNext(ctx context.Context, bt *setBatch, wait bool) error {
-	if cap(set.slots) == 1 {
+	if set.pipe.serial() {
 		return set.commit(ctx, bt)
 	}
-	done := set.submit(ctx, bt)
+	done := set.pipe.submit(ctx, set.ready, func(ctx context.Context, seq int64) (func(), error) {
+		res, err := set.commitUnit(ctx, bt, seq)
+		if res == nil {
+			return nil, err
+		}
+		return func() { set.record(res) }, err
+	}, set.fail)
 	if !wait {
 		return nil
 	}
@@ -544,84 +535,6 @@ func (set *BatchSet) ready(ctx context.Context) error {
 		return err
 	}
 	return set.s.sync(ctx)
-}
-
-// submit starts committing bt as the next unit while up to InFlight-1 earlier ones
-// still commit (its fence waits on the server for theirs), and returns a channel
-// closed once its result is recorded, in order.
-func (set *BatchSet) submit(ctx context.Context, bt *setBatch) <-chan struct{} {
-	s := set.s
-	done := make(chan struct{})
-	prev := set.lastDone
-	set.lastDone = done
-	set.slots <- struct{}{}
-	s.commitMu.Lock()
-	if s.needsSync() {
-		s.flight.Wait() // a failure left the checkpoint to re-read: let the others end
-		s.unreserve()
-	}
-	err := set.ready(ctx)
-	var seq int64
-	if err == nil {
-		seq = s.reserveSeq()
-		s.flight.Add(1)
-	}
-	s.commitMu.Unlock()
-	if err != nil {
-		set.fail(err)
-		go func() { <-prev; <-set.slots; close(done) }()
-		return done
-	}
-	uctx, cancel := context.WithCancel(ctx)
-	u := &setUnit{seq: seq, cancel: cancel, ran: make(chan struct{})}
-	set.unitsMu.Lock()
-	set.units[seq] = u
-	set.unitsMu.Unlock()
-	go func() {
-		defer close(done)
-		defer func() { <-set.slots }()
-		defer s.flight.Done()
-		defer cancel()
-		res, err := set.commitUnit(uctx, bt, seq)
-		close(u.ran)
-		<-prev
-		set.unitsMu.Lock()
-		delete(set.units, seq)
-		set.unitsMu.Unlock()
-		set.mu.Lock()
-		failed := set.err != nil
-		set.mu.Unlock()
-		if res != nil && (err != nil || !failed) {
-			set.record(res)
-		}
-		if err != nil {
-			set.fail(err)
-			set.abortAfter(seq)
-		}
-	}()
-	return done
-}
-
-// abortAfter cancels the units in flight after seq and waits until their attempts are
-// over: their fences wait for seq, which is not going to commit what they follow
-// (it failed, or committed only the rows before a bad one), so none of them may
-// commit. A canceled attempt's backend is ended by in-doubt resolution, which reads
-// the checkpoint after it.
-func (set *BatchSet) abortAfter(seq int64) {
-	set.unitsMu.Lock()
-	var later []*setUnit
-	for q, u := range set.units {
-		if q > seq {
-			later = append(later, u)
-		}
-	}
-	set.unitsMu.Unlock()
-	for _, u := range later {
-		u.cancel()
-	}
-	for _, u := range later {
-		<-u.ran
-	}
 }
 
 // commitUnit commits bt as unit seq: retried as a whole; a data error the server
@@ -661,7 +574,7 @@ func (set *BatchSet) commitUnit(ctx context.Context, bt *setBatch, seq int64) (*
 		}
 		rej := rerr.reject
 		if set.cfg.Rejects == RejectFail {
-			set.abortAfter(seq)
+			set.pipe.abortAfter(seq)
 			return set.failAt(ctx, seq, bt, skip, rejects, rej, pg, t0)
 		}
 		rejects = append(rejects, rej)
