@@ -7,7 +7,6 @@ import (
 	"io"
 	"log/slog"
 	"os"
-	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -20,7 +19,7 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/pgetl/pgetl"
-	"github.com/pgetl/pgetl/internal/dsn"
+	"github.com/pgetl/pgetl/examples/internal/jobkit"
 	"github.com/pgetl/pgetl/internal/workload"
 )
 
@@ -66,11 +65,11 @@ func (j *job) run(readCtx, jobCtx context.Context, signaled func() os.Signal) in
 	level := slog.LevelInfo
 	j.log = slog.New(slog.NewTextHandler(j.stderr, &slog.HandlerOptions{Level: level}))
 	fail := func(err error) int {
-		fmt.Fprintln(j.stderr, "products: "+oneLine(err.Error()))
+		fmt.Fprintln(j.stderr, "products: "+jobkit.OneLine(err.Error()))
 		return exitFailed
 	}
 
-	pool, err := j.connect(jobCtx)
+	pool, err := jobkit.Connect(jobCtx, j.cfg.dsn)
 	if err != nil {
 		return fail(err)
 	}
@@ -147,7 +146,9 @@ func (j *job) run(readCtx, jobCtx context.Context, signaled func() os.Signal) in
 		return fail(err)
 	}
 
-	prog := startProgress(j, sess, total-min(after, total), after)
+	prog := jobkit.StartProgress(jobkit.ProgressConfig{Mode: j.cfg.progress, TTY: j.cfg.tty, W: j.stderr, Log: j.log,
+		Every: j.cfg.progressEvery, Remaining: total - min(after, total), Resuming: after > 0,
+		Read: j.read.Load, Session: sess, OtherRetries: j.apiRetries.Load})
 	var loopErr error
 	for {
 		if readCtx.Err() != nil {
@@ -173,7 +174,7 @@ func (j *job) run(readCtx, jobCtx context.Context, signaled func() os.Signal) in
 	// Commit what is buffered: also after a signal or a refused row, whose
 	// predecessors are committed.
 	closeErr := b.Close(jobCtx)
-	prog.stop()
+	prog.Stop()
 	out := outcome{elapsed: time.Since(start), stat: sess.Stat(), resumedAt: after}
 	out.cp, _ = sess.Checkpoint(context.WithoutCancel(jobCtx))
 	out.err = loopErr
@@ -186,7 +187,7 @@ func (j *job) run(readCtx, jobCtx context.Context, signaled func() os.Signal) in
 	case out.err != nil:
 		out.status, code = "FAILED", exitFailed
 	case sig != nil:
-		out.status, code = "INTERRUPTED by "+sigName(sig), exitInterrupted+int(sig.(syscall.Signal))
+		out.status, code = "INTERRUPTED by "+jobkit.SigName(sig), exitInterrupted+int(sig.(syscall.Signal))
 	case out.cp.Cursor != strconv.FormatInt(last, 10) && last > 0:
 		out.err = fmt.Errorf("the checkpoint stands at %q, not at the source's last row %d", out.cp.Cursor, last)
 		out.status, code = "INCOMPLETE", exitFailed
@@ -203,51 +204,9 @@ func (j *job) run(readCtx, jobCtx context.Context, signaled func() os.Signal) in
 		fmt.Fprintln(j.stderr, "products: "+j.describe(out.err))
 	}
 	if code != exitOK && code != exitUsage {
-		j.hint(out)
+		j.hint()
 	}
 	return code
-}
-
-// connect opens the pool and checks the server answers, so that an unreachable
-// database is one clear line, not a failure deep in the first batch.
-func (j *job) connect(ctx context.Context) (*pgxpool.Pool, error) {
-	cfg, err := pgetl.ParseConfig(j.cfg.dsn)
-	if err != nil {
-		return nil, err
-	}
-	where := fmt.Sprintf("host=%s port=%d user=%s database=%s", cfg.ConnConfig.Host, cfg.ConnConfig.Port, cfg.ConnConfig.User, cfg.ConnConfig.Database)
-	pool, err := pgetl.NewPoolWithConfig(ctx, cfg)
-	if err != nil {
-		return nil, err
-	}
-	pctx, cancel := context.WithTimeout(ctx, cfg.ConnConfig.ConnectTimeout+5*time.Second)
-	defer cancel()
-	if err := pool.Ping(pctx); err != nil {
-		pool.Close()
-		var pgErr *pgconn.PgError
-		if errors.As(err, &pgErr) {
-			return nil, fmt.Errorf("cannot use PostgreSQL at %s: %s (SQLSTATE %s)", where, pgErr.Message, pgErr.Code)
-		}
-		return nil, fmt.Errorf("cannot reach PostgreSQL at %s (from -dsn, $DATABASE_URL or libpq's PG* defaults): %w", where, unwrapConnect(err))
-	}
-	return pool, nil
-}
-
-// unwrapConnect returns the cause of a connect error without pgx's preamble, each
-// distinct attempt's error once (pgconn tries every address, and with sslmode=prefer
-// with and without TLS).
-func unwrapConnect(err error) error {
-	var ce *pgconn.ConnectError
-	if errors.As(err, &ce) && ce.Unwrap() != nil {
-		err = ce.Unwrap()
-	}
-	var parts []string
-	for _, p := range strings.Split(err.Error(), "\n") {
-		if p = strings.TrimSpace(p); p != "" && !slices.Contains(parts, p) {
-			parts = append(parts, p)
-		}
-	}
-	return errors.New(strings.Join(parts, "; "))
 }
 
 // ensureTable creates the target schema and products table if missing.
@@ -264,44 +223,14 @@ func (j *job) ensureTable(ctx context.Context) error {
 // claim starts the job's session: a finished job starts over, and a claim held by a
 // killed run is waited for up to -claim-wait (or taken over with -takeover).
 func (j *job) claim(ctx context.Context) (*pgetl.Session, error) {
-	sc := pgetl.SessionConfig{
+	return jobkit.Claim(ctx, j.pool, pgetl.SessionConfig{
 		Job:              j.cfg.job,
 		CheckpointSchema: j.cfg.checkpointSchema,
 		Restart:          j.cfg.restart,
 		Takeover:         j.cfg.takeover,
 		Lease:            j.cfg.lease,
 		Logger:           j.log,
-		OnRetryFunc:      nil,
-	}
-	deadline := time.Now().Add(j.cfg.claimWait)
-	waiting := false
-	for {
-		s, err := pgetl.NewSession(ctx, j.pool, sc)
-		switch {
-		case err == nil:
-			return s, nil
-		case errors.Is(err, pgetl.ErrJobFinished) && !sc.Restart:
-			j.log.Info("the job finished in an earlier run: starting it over", "job", j.cfg.job)
-			sc.Restart = true
-			continue
-		case errors.Is(err, pgetl.ErrJobClaimed) && time.Now().Before(deadline):
-			if !waiting {
-				j.log.Info("the job is claimed by another run (or a killed one whose lease has not expired): waiting", "job", j.cfg.job, "up_to", j.cfg.claimWait)
-				waiting = true
-			}
-			t := time.NewTimer(500 * time.Millisecond)
-			select {
-			case <-ctx.Done():
-				t.Stop()
-				return nil, ctx.Err()
-			case <-t.C:
-			}
-			continue
-		case errors.Is(err, pgetl.ErrJobClaimed):
-			return nil, fmt.Errorf("job %q is claimed by another live run (waited %v); if that run is dead, rerun with -takeover: %w", j.cfg.job, j.cfg.claimWait, err)
-		}
-		return nil, err
-	}
+	}, j.cfg.claimWait, j.log)
 }
 
 // openSource opens the source after the resume position. stop ends what it started.
@@ -404,7 +333,7 @@ func (j *job) describe(err error) string {
 			where = j.src.Where(pos)
 		}
 		if errors.Is(err, pgetl.ErrTooManyRejects) {
-			return oneLine(fmt.Sprintf("more than -max-rejects %d rows rejected (the last at %s); nothing of that batch was committed; the rejected rows are in %s: %v",
+			return jobkit.OneLine(fmt.Sprintf("more than -max-rejects %d rows rejected (the last at %s); nothing of that batch was committed; the rejected rows are in %s: %v",
 				j.cfg.maxRejects, where, j.rejectTable(), err))
 		}
 		var msg string
@@ -421,9 +350,9 @@ func (j *job) describe(err error) string {
 				msg = fmt.Sprintf("%s %q: %s", be.Column, be.Value, msg)
 			}
 		}
-		return oneLine(fmt.Sprintf("bad row at %s: %s; the rows before it are committed (-max-rejects N rejects up to N bad rows instead)", where, msg))
+		return jobkit.OneLine(fmt.Sprintf("bad row at %s: %s; the rows before it are committed (-max-rejects N rejects up to N bad rows instead)", where, msg))
 	}
-	return oneLine(err.Error())
+	return jobkit.OneLine(err.Error())
 }
 
 func (j *job) rejectTable() string {
@@ -481,39 +410,6 @@ func (j *job) summary(o outcome) {
 }
 
 // hint prints how to resume a run that did not complete.
-func (j *job) hint(o outcome) {
-	var args []string
-	secrets := dsn.Secrets(j.cfg.dsn)
-	for _, a := range j.cfg.args {
-		if a == "-restart" || a == "--restart" || a == "-restart=true" || a == "--restart=true" {
-			continue
-		}
-		args = append(args, shellQuote(dsn.Redact(a, secrets...)))
-	}
-	cmd := strings.TrimSpace("go -C examples run ./products " + strings.Join(args, " "))
-	fmt.Fprintf(j.stderr, "products: committed rows are kept; resume with: %s\n", cmd)
-}
-
-func shellQuote(s string) string {
-	if s != "" && strings.IndexFunc(s, func(r rune) bool {
-		return !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || strings.ContainsRune("-_=.,:/@+%", r))
-	}) < 0 {
-		return s
-	}
-	return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'"
-}
-
-func sigName(s os.Signal) string {
-	switch s {
-	case syscall.SIGINT:
-		return "SIGINT"
-	case syscall.SIGTERM:
-		return "SIGTERM"
-	}
-	return s.String()
-}
-
-// oneLine folds a multi-line message into one line.
-func oneLine(s string) string {
-	return strings.Join(strings.Fields(strings.ReplaceAll(s, "\n", " ")), " ")
+func (j *job) hint() {
+	fmt.Fprintf(j.stderr, "products: committed rows are kept; resume with: %s\n", jobkit.ResumeCommand("products", j.cfg.dsn, j.cfg.args))
 }

@@ -66,7 +66,6 @@
 package main
 
 import (
-	"context"
 	"errors"
 	"flag"
 	"fmt"
@@ -74,11 +73,10 @@ import (
 	"os"
 	"os/signal"
 	"strings"
-	"sync"
 	"syscall"
 	"time"
 
-	"golang.org/x/term"
+	"github.com/pgetl/pgetl/examples/internal/jobkit"
 )
 
 // Exit statuses.
@@ -117,18 +115,6 @@ type config struct {
 	progressEvery    time.Duration
 	args             []string // as given, for the resume hint
 	tty              bool     // stderr is a terminal
-}
-
-// lockedWriter serializes writes to w.
-type lockedWriter struct {
-	mu sync.Mutex
-	w  io.Writer
-}
-
-func (l *lockedWriter) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.w.Write(p)
 }
 
 func parseFlags(args []string, stderr io.Writer) (config, error) {
@@ -238,46 +224,14 @@ func run(args []string, stdout, stderr io.Writer, sigs <-chan os.Signal) int {
 		return exitUsage
 	}
 
-	// readCtx stops the source at the first signal; jobCtx, which bounds the
-	// database work, only at the second, so the buffered rows are committed.
-	readCtx, stopReading := context.WithCancel(context.Background())
-	defer stopReading()
-	jobCtx, abandon := context.WithCancel(context.Background())
-	defer abandon()
-	var got os.Signal
-	sigDone := make(chan struct{})
-	watching := make(chan struct{})
-	go func() {
-		defer close(watching)
-		n := 0
-		for {
-			select {
-			case s := <-sigs:
-				n++
-				if n == 1 {
-					got = s
-					stopReading()
-				} else {
-					abandon()
-				}
-			case <-sigDone:
-				return
-			}
-		}
-	}()
-	if f, ok := stderr.(*os.File); ok && term.IsTerminal(int(f.Fd())) {
-		cfg.tty = true
-	}
+	// Read ends the source at the first signal; Job, which bounds the database
+	// work, only at the second, so the buffered rows are committed.
+	sg := jobkit.WatchSignals(sigs)
+	cfg.tty = jobkit.IsTerminal(stderr)
 	// The job's goroutines (flusher, lease renewal, progress) log to stderr too.
-	stderr = &lockedWriter{w: stderr}
+	stderr = &jobkit.LockedWriter{W: stderr}
 	j := &job{cfg: cfg, stdout: stdout, stderr: stderr}
-	code := j.run(readCtx, jobCtx, func() os.Signal {
-		if readCtx.Err() == nil {
-			return nil
-		}
-		return got
-	})
-	close(sigDone)
-	<-watching
+	code := j.run(sg.Read, sg.Job, sg.Signaled)
+	sg.Stop()
 	return code
 }
