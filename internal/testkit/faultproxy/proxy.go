@@ -204,6 +204,36 @@ func (p *Proxy) Latency(t testing.TB, dir Direction, d, jitter time.Duration) st
 		map[string]any{"latency": d.Milliseconds(), "jitter": jitter.Milliseconds()})
 }
 
+// Delay delays data in direction dir by d, at microsecond resolution (Latency's
+// Toxiproxy toxic counts whole milliseconds, so it cannot add half of a 1 ms round
+// trip); the toxic is "delay_<dir>". Each chunk is held until d after it was read,
+// so data read in a burst is not delayed once per chunk: the link's throughput is
+// kept, only its latency grows. Removing it lets data flow at full speed again.
+func (p *Proxy) Delay(t testing.TB, dir Direction, d time.Duration) string {
+	t.Helper()
+	return p.AddToxic(t, "delay_"+string(dir), delayType, dir, map[string]any{"delay_us": d.Microseconds()})
+}
+
+// RoundTrip makes the link a distant one: every request→reply turn through the
+// proxy takes rtt longer, rtt/2 in each direction (Delay on both), as a remote
+// database adds its network's round trip. RoundTrip(t, 0) removes the delays.
+func (p *Proxy) RoundTrip(t testing.TB, rtt time.Duration) {
+	t.Helper()
+	for _, dir := range []Direction{Upstream, Downstream} {
+		if rtt <= 0 {
+			if p.px.Toxics.GetToxic("delay_"+string(dir)) != nil {
+				p.Remove(t, "delay_"+string(dir))
+			}
+			continue
+		}
+		half := rtt / 2
+		if dir == Downstream {
+			half = rtt - rtt/2
+		}
+		p.Delay(t, dir, half)
+	}
+}
+
 // Toxics returns the names of the toxics in force.
 func (p *Proxy) Toxics() []string {
 	var names []string
@@ -269,12 +299,14 @@ const (
 	resetType = "pgetl_reset_peer"
 	cutType   = "pgetl_limit_data"
 	lostType  = "pgetl_timeout"
+	delayType = "pgetl_latency"
 )
 
 func init() {
 	toxics.Register(resetType, new(resetToxic))
 	toxics.Register(cutType, new(cutToxic))
 	toxics.Register(lostType, new(lostToxic))
+	toxics.Register(delayType, new(delayToxic))
 }
 
 // drain discards a closed stub's input until the stub before it closes it (when the
@@ -363,6 +395,52 @@ func (*lostToxic) Pipe(stub *toxics.ToxicStub) {
 func (*lostToxic) Cleanup(stub *toxics.ToxicStub) {
 	stub.Close()
 	go drain(stub)
+}
+
+// delayToxic holds each chunk until DelayMicros after the link read it: Toxiproxy's
+// latency toxic at microsecond resolution. The runtime's timers wake up to 1 ms late
+// when the process is idle (the poller waits in whole milliseconds), which would
+// turn a 1 ms round trip into 2.3 ms, so the last stretch of each wait is slept on
+// the OS thread (see sleepPrecise).
+type delayToxic struct {
+	DelayMicros int64 `json:"delay_us"`
+}
+
+// GetBufferSize implements toxics.BufferedToxic: chunks read in a burst queue here
+// rather than block the link's reader, so that each is delayed from its own read.
+func (*delayToxic) GetBufferSize() int { return 1024 }
+
+// Pipe implements toxics.Toxic.
+func (d *delayToxic) Pipe(stub *toxics.ToxicStub) {
+	delay := time.Duration(d.DelayMicros) * time.Microsecond
+	timer := time.NewTimer(time.Hour)
+	defer timer.Stop()
+	for {
+		select {
+		case <-stub.Interrupt:
+			return
+		case c := <-stub.Input:
+			if c == nil {
+				stub.Close()
+				return
+			}
+			due := c.Timestamp.Add(delay)
+			for left := time.Until(due); left > 0; left = time.Until(due) {
+				if left <= 2*time.Millisecond {
+					sleepPrecise(left)
+					break
+				}
+				timer.Reset(left - time.Millisecond - time.Millisecond/2)
+				select {
+				case <-timer.C:
+				case <-stub.Interrupt:
+					stub.Output <- c // keep the data, as Toxiproxy's latency toxic does
+					return
+				}
+			}
+			stub.Output <- c
+		}
+	}
 }
 
 // serve accepts connections on ln until it is closed.

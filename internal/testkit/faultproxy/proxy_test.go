@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"net"
+	"slices"
 	"testing"
 	"time"
 
@@ -162,6 +163,34 @@ func TestProxyLatency(t *testing.T) {
 	took, err = timed(func() error { _, err := queryInt(conn, 5*time.Second, "SELECT 1"); return err })
 	require.NoError(t, err)
 	require.Less(t, took, 250*time.Millisecond)
+}
+
+// TestProxyRoundTrip: RoundTrip(rtt) makes a SELECT 1 take about rtt, also below a
+// millisecond of delay per direction, and RoundTrip(0) removes it.
+func TestProxyRoundTrip(t *testing.T) {
+	p, url := newTestProxy(t)
+	conn := connect(t, url)
+	median := func() time.Duration {
+		var ts []time.Duration
+		for range 7 {
+			took, err := timed(func() error { _, err := queryInt(conn, 5*time.Second, "SELECT 1"); return err })
+			require.NoError(t, err)
+			ts = append(ts, took)
+		}
+		slices.Sort(ts)
+		return ts[len(ts)/2]
+	}
+	for _, rtt := range []time.Duration{time.Millisecond, 20 * time.Millisecond} {
+		p.RoundTrip(t, rtt)
+		require.ElementsMatch(t, []string{"delay_upstream", "delay_downstream"}, p.Toxics())
+		got := median()
+		t.Logf("RoundTrip(%v): SELECT 1 takes %v", rtt, got)
+		require.GreaterOrEqual(t, got, rtt)
+		require.Less(t, got, rtt*11/10+time.Millisecond, "the delay is precise, also below a millisecond")
+	}
+	p.RoundTrip(t, 0)
+	require.Empty(t, p.Toxics())
+	require.Less(t, median(), 5*time.Millisecond)
 }
 
 func TestProxyDisableEnable(t *testing.T) {
