@@ -269,25 +269,43 @@ func (s *Sum) checksum() TableSum { return TableSum{Count: s.Count(), Sum: s.Str
 // rejected), and every line that is not bad and not in skip (lines rejected for
 // another reason, such as an unknown SKU; nil for none).
 func (o Orders) Checksums(skip func(i int64) bool) OrdersChecksums {
-	var cust, ord, lines Sum
-	seen := make(map[int64]bool)
-	var b []byte
+	var s OrdersSum
 	for i := int64(1); i <= o.N; i++ {
-		l := o.Line(i)
-		if l.LineNo == 1 {
-			if !seen[l.Customer] {
-				seen[l.Customer] = true
-				b = append(append(append(b[:0], l.Email...), '|'), l.CustomerName...)
-				cust.AddText(b)
-			}
-			b = strconv.AppendInt(b[:0], l.OrderID, 10)
-			b = append(append(append(b, '|'), l.Email...), '|')
-			b = strconv.AppendInt(b, l.OrderedAt.Unix(), 10)
-			ord.AddText(b)
-		}
-		if o.Bad(i) || (skip != nil && skip(i)) {
-			continue
-		}
+		s.Add(o.Line(i), !o.Bad(i) && (skip == nil || !skip(i)))
+	}
+	return s.Checksums()
+}
+
+// OrdersSum accumulates the checksums of the tables loaded from any order lines
+// (such as a file's), in the form of [QueryOrdersChecksums]. The zero value is
+// empty.
+type OrdersSum struct {
+	cust, ord, lines Sum
+	customers        map[string]bool
+	orders           map[int64]bool
+	b                []byte
+}
+
+// Add adds line l: its customer and its order, if new, and the line itself if
+// loaded (not rejected).
+func (s *OrdersSum) Add(l OrderLine, loaded bool) {
+	if s.customers == nil {
+		s.customers, s.orders = make(map[string]bool), make(map[int64]bool)
+	}
+	b := s.b[:0]
+	if !s.customers[l.Email] {
+		s.customers[l.Email] = true
+		b = append(append(append(b[:0], l.Email...), '|'), l.CustomerName...)
+		s.cust.AddText(b)
+	}
+	if !s.orders[l.OrderID] {
+		s.orders[l.OrderID] = true
+		b = strconv.AppendInt(b[:0], l.OrderID, 10)
+		b = append(append(append(b, '|'), l.Email...), '|')
+		b = strconv.AppendInt(b, l.OrderedAt.Unix(), 10)
+		s.ord.AddText(b)
+	}
+	if loaded {
 		b = strconv.AppendInt(b[:0], l.OrderID, 10)
 		b = append(b, '|')
 		b = strconv.AppendInt(b, int64(l.LineNo), 10)
@@ -295,9 +313,14 @@ func (o Orders) Checksums(skip func(i int64) bool) OrdersChecksums {
 		b = strconv.AppendInt(b, int64(l.Qty), 10)
 		b = append(b, '|')
 		b = appendPrice(b, l.PriceCents)
-		lines.AddText(b)
+		s.lines.AddText(b)
 	}
-	return OrdersChecksums{Customers: cust.checksum(), Orders: ord.checksum(), Lines: lines.checksum()}
+	s.b = b
+}
+
+// Checksums returns the checksums of the lines added.
+func (s *OrdersSum) Checksums() OrdersChecksums {
+	return OrdersChecksums{Customers: s.cust.checksum(), Orders: s.ord.checksum(), Lines: s.lines.checksum()}
 }
 
 // QueryOrdersChecksums computes the checksums of the tables of schema (quoted)
