@@ -401,7 +401,7 @@ func (*lostToxic) Cleanup(stub *toxics.ToxicStub) {
 // latency toxic at microsecond resolution. The runtime's timers wake up to 1 ms late
 // when the process is idle (the poller waits in whole milliseconds), which would
 // turn a 1 ms round trip into 2.3 ms, so the last stretch of each wait is slept on
-// the OS thread (see sleepPrecise).
+// a timerfd (see sleeper).
 type delayToxic struct {
 	DelayMicros int64 `json:"delay_us"`
 }
@@ -415,6 +415,8 @@ func (d *delayToxic) Pipe(stub *toxics.ToxicStub) {
 	delay := time.Duration(d.DelayMicros) * time.Microsecond
 	timer := time.NewTimer(time.Hour)
 	defer timer.Stop()
+	sl := newSleeper()
+	defer sl.close()
 	for {
 		select {
 		case <-stub.Interrupt:
@@ -427,7 +429,7 @@ func (d *delayToxic) Pipe(stub *toxics.ToxicStub) {
 			due := c.Timestamp.Add(delay)
 			for left := time.Until(due); left > 0; left = time.Until(due) {
 				if left <= 2*time.Millisecond {
-					sleepPrecise(left)
+					sl.sleep(left)
 					break
 				}
 				timer.Reset(left - time.Millisecond - time.Millisecond/2)

@@ -1,9 +1,14 @@
-//go:build !unix
+//go:build !linux
 
 package faultproxy
 
 import "time"
 
-// sleepPrecise sleeps d; off Unix it is time.Sleep, as precise as the runtime's
-// timers.
-func sleepPrecise(d time.Duration) { time.Sleep(d) }
+// sleeper waits with time.Sleep off Linux: as precise as the runtime's timers.
+type sleeper struct{}
+
+func newSleeper() *sleeper { return &sleeper{} }
+
+func (*sleeper) sleep(d time.Duration) { time.Sleep(d) }
+
+func (*sleeper) close() {}
