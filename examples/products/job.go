@@ -34,6 +34,8 @@ type job struct {
 	cache *pgetl.Cache[string, int64]
 	src   source
 
+	metrics *metrics // -metrics, else nil
+
 	read       atomic.Int64 // rows read from the source by this run
 	apiRetries atomic.Int64
 
@@ -86,6 +88,7 @@ func (j *job) run(readCtx, jobCtx context.Context, signaled func() os.Signal) in
 		}
 		return fail(err)
 	}
+	j.metrics.observe(sess)
 	defer func() {
 		ctx, cancel := context.WithTimeout(context.WithoutCancel(jobCtx), 10*time.Second)
 		defer cancel()
@@ -114,6 +117,7 @@ func (j *job) run(readCtx, jobCtx context.Context, signaled func() os.Signal) in
 		}
 		st := j.cache.Stat()
 		j.log.Info("SKU cache preloaded", "skus", st.Len(), "pages", st.PreloadedPages(), "took", time.Since(t0).Round(time.Millisecond))
+		j.metrics.observeCache("sku", j.cache)
 	}
 
 	src, stopSrc, err := j.openSource(after)
@@ -223,14 +227,14 @@ func (j *job) ensureTable(ctx context.Context) error {
 // claim starts the job's session: a finished job starts over, and a claim held by a
 // killed run is waited for up to -claim-wait (or taken over with -takeover).
 func (j *job) claim(ctx context.Context) (*pgetl.Session, error) {
-	return jobkit.Claim(ctx, j.pool, pgetl.SessionConfig{
+	return jobkit.Claim(ctx, j.pool, j.metrics.sessionConfig(pgetl.SessionConfig{
 		Job:              j.cfg.job,
 		CheckpointSchema: j.cfg.checkpointSchema,
 		Restart:          j.cfg.restart,
 		Takeover:         j.cfg.takeover,
 		Lease:            j.cfg.lease,
 		Logger:           j.log,
-	}, j.cfg.claimWait, j.log)
+	}), j.cfg.claimWait, true, j.log)
 }
 
 // openSource opens the source after the resume position. stop ends what it started.

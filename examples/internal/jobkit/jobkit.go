@@ -155,9 +155,10 @@ func unwrapConnect(err error) error {
 	return errors.New(strings.Join(parts, "; "))
 }
 
-// Claim starts the job's session: a finished job starts over, and a claim held by
-// a killed run is waited for up to wait (or taken over with sc.Takeover).
-func Claim(ctx context.Context, pool *pgxpool.Pool, sc pgetl.SessionConfig, wait time.Duration, log *slog.Logger) (*pgetl.Session, error) {
+// Claim starts the job's session: a finished job starts over if startOver (else
+// Claim returns pgetl.ErrJobFinished), and a claim held by a killed run is waited
+// for up to wait (or taken over with sc.Takeover).
+func Claim(ctx context.Context, pool *pgxpool.Pool, sc pgetl.SessionConfig, wait time.Duration, startOver bool, log *slog.Logger) (*pgetl.Session, error) {
 	deadline := time.Now().Add(wait)
 	waiting := false
 	for {
@@ -165,7 +166,7 @@ func Claim(ctx context.Context, pool *pgxpool.Pool, sc pgetl.SessionConfig, wait
 		switch {
 		case err == nil:
 			return s, nil
-		case errors.Is(err, pgetl.ErrJobFinished) && !sc.Restart:
+		case errors.Is(err, pgetl.ErrJobFinished) && !sc.Restart && startOver:
 			log.Info("the job finished in an earlier run: starting it over", "job", sc.Job)
 			sc.Restart = true
 			continue

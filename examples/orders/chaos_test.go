@@ -1,0 +1,73 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"math/rand/v2"
+	"strconv"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/pgetl/pgetl"
+	"github.com/pgetl/pgetl/internal/pgtest"
+	"github.com/pgetl/pgetl/internal/workload"
+)
+
+// TestOrdersChaosKill runs the job as a subprocess and SIGKILLs it at random points,
+// up to three times per seed, then lets a final run (taking over the dead run's
+// job) finish: customers, orders and order_lines must equal the generator's lines
+// exactly, each once, and the reject table must hold exactly the bad lines,
+// whatever the kill points were (in a batch, around its COMMIT, between batches,
+// in the middle of an order whose header a resumed run then adds again).
+func TestOrdersChaosKill(t *testing.T) {
+	e := newE2E(t)
+	for seed := uint64(1); seed <= 5; seed++ {
+		t.Run(fmt.Sprint("seed=", seed), func(t *testing.T) {
+			t.Parallel()
+			rng := rand.New(rand.NewPCG(seed, 15))
+			db := pgtest.New(t)
+			loadProducts(t, db, e2eProducts)
+			const n = 40_000
+			o := workload.Orders{N: n, Products: e2eProducts, BadEvery: int64(50 + rng.IntN(100))}
+			job := "chaos"
+			args := []string{"-job", job, "-rows", strconv.Itoa(n), "-products", strconv.Itoa(e2eProducts),
+				"-bad-every", strconv.FormatInt(o.BadEvery, 10), "-commit-rows", fmt.Sprint(500 + rng.IntN(2500)), "-lease", "2s", "-takeover"}
+			kills := 0
+			for range 3 {
+				ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+				cmd, _, _ := e.command(ctx, db.Schema, args...)
+				require.NoError(t, cmd.Start())
+				after := time.Duration(150+rng.IntN(1200)) * time.Millisecond
+				done := make(chan error, 1)
+				go func() { done <- cmd.Wait() }()
+				finished := false
+				select {
+				case <-done: // finished before its kill point
+					finished = true
+				case <-time.After(after): // the fault's timing, not a wait for a condition
+					_ = cmd.Process.Signal(syscall.SIGKILL)
+					<-done
+					kills++
+				}
+				cancel()
+				if finished {
+					break
+				}
+			}
+			require.Positive(t, kills, "the job must have been killed at least once")
+			r := e.run(t, db.Schema, args...)
+			require.Equal(t, 0, r.code, "%s", r)
+			requireTables(t, db, o.Checksums(nil))
+			bad := badLines(o)
+			requireRejects(t, db, job, bad)
+			requireFinished(t, db, job, n, len(bad))
+			require.Zero(t, db.Int(t, `SELECT count(*) FROM pg_stat_activity WHERE state LIKE 'idle in transaction%' AND application_name LIKE $1`, "pgetl "+job+"%"))
+			cp, err := pgetl.ReadCheckpoint(context.Background(), db.Pool, db.Schema, job)
+			require.NoError(t, err)
+			t.Logf("seed %d: %d kills, bad every %d, final checkpoint seq %d rows %d rejects %d", seed, kills, o.BadEvery, cp.Seq, cp.Rows, cp.Rejects)
+		})
+	}
+}
