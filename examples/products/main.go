@@ -70,6 +70,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"log/slog"
 	"os"
 	"os/signal"
 	"strings"
@@ -113,6 +114,7 @@ type config struct {
 	apiMalformedPage int64
 	progress         string
 	progressEvery    time.Duration
+	metrics          string   // -metrics: address of the /metrics server, "" for none
 	args             []string // as given, for the resume hint
 	tty              bool     // stderr is a terminal
 }
@@ -142,6 +144,7 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 	fs.Int64Var(&c.apiMalformedPage, "api-malformed-page", 0, "api: serve this page as malformed JSON (to see the error path)")
 	fs.StringVar(&c.progress, "progress", "auto", "progress display: auto (a bar on a terminal, else log lines), bar, log or off")
 	fs.DurationVar(&c.progressEvery, "progress-every", 10*time.Second, "interval of the progress log lines")
+	fs.StringVar(&c.metrics, "metrics", "", "serve Prometheus metrics on http://ADDR/metrics while the job runs (ADDR e.g. 127.0.0.1:9464)")
 	fs.Usage = func() {
 		fmt.Fprintf(fs.Output(), "usage: go -C examples run ./products [flags]\n\nSyncs products into PostgreSQL with pgetl. Flags:\n")
 		fs.PrintDefaults()
@@ -231,6 +234,14 @@ func run(args []string, stdout, stderr io.Writer, sigs <-chan os.Signal) int {
 	// The job's goroutines (flusher, lease renewal, progress) log to stderr too.
 	stderr = &jobkit.LockedWriter{W: stderr}
 	j := &job{cfg: cfg, stdout: stdout, stderr: stderr}
+	if cfg.metrics != "" {
+		if j.metrics, err = startMetrics(cfg.metrics, slog.New(slog.NewTextHandler(stderr, nil))); err != nil {
+			fmt.Fprintf(stderr, "products: %v\n", err)
+			sg.Stop()
+			return exitFailed
+		}
+		defer j.metrics.stop()
+	}
 	code := j.run(sg.Read, sg.Job, sg.Signaled)
 	sg.Stop()
 	return code
