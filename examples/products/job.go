@@ -234,7 +234,7 @@ func (j *job) claim(ctx context.Context) (*pgetl.Session, error) {
 		Takeover:         j.cfg.takeover,
 		Lease:            j.cfg.lease,
 		Logger:           j.log,
-	}), j.cfg.claimWait, j.log)
+	}), j.cfg.claimWait, true, j.log)
 }
 
 // openSource opens the source after the resume position. stop ends what it started.
