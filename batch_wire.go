@@ -257,3 +257,124 @@ func (e *interruptedError) Error() string {
 }
 
 func (e *interruptedError) Unwrap() []error { return []error{e.ctxErr, e.err} }
+
+// pipeMsg is one simple-protocol Query of a pipeline (see sendPipeline), with the data
+// of its COPY … FROM STDIN statements.
+type pipeMsg struct {
+	sql    string
+	copies []net.Buffers
+}
+
+// pipeResult is the server's answer to one pipeMsg.
+type pipeResult struct {
+	tag        string          // the last command tag
+	copiesDone int             // COPY statements that completed before err
+	err        *pgconn.PgError // the first error the message raised, if any
+}
+
+// sendPipeline runs msgs on pgc in one round trip: the Query messages (each with its
+// COPY data right behind it) are written back to back without waiting, then every
+// reply is read, up to one ReadyForQuery per message. An error skips only the rest of
+// its own message: the server goes on with the next one, which inside a transaction
+// block fails in turn unless it starts with ROLLBACK [TO SAVEPOINT] (the isolation of
+// bad rows relies on that). The exchange (writes of 64 KiB, a concurrent writer and
+// reader, one context watch, closing the connection when either side fails) is
+// sendBatch's; a transport failure returns an error and leaves pgc closed, server
+// errors are in the results.
+func sendPipeline(ctx context.Context, pgc *pgconn.PgConn, msgs []pipeMsg) ([]pipeResult, error) {
+	if pgc.IsBusy() {
+		return nil, errors.New("pgetl: bug: sendPipeline on a busy connection")
+	}
+	if pgc.IsClosed() {
+		return nil, fmt.Errorf("pgetl: batch not sent: %w", net.ErrClosed)
+	}
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	if err := pgc.SyncConn(ctx); err != nil {
+		closeConn(pgc)
+		return nil, err
+	}
+	conn := pgc.Conn()
+
+	var out net.Buffers
+	for _, m := range msgs {
+		q := make([]byte, 0, 5+len(m.sql)+1+5*len(m.copies))
+		q = append(q, 'Q', 0, 0, 0, 0)
+		q = append(q, m.sql...)
+		q = append(q, 0)
+		binary.BigEndian.PutUint32(q[1:], uint32(len(q)-1))
+		out = append(out, q)
+		for _, data := range m.copies {
+			var n int
+			for _, b := range data {
+				n += len(b)
+			}
+			// q never grows past its capacity, so earlier slices of it stay valid.
+			q = binary.BigEndian.AppendUint32(append(q, 'd'), uint32(n+4))
+			out = append(out, q[len(q)-5:])
+			out = append(out, data...)
+			out = append(out, copyDoneMsg)
+		}
+	}
+
+	watch := ctxwatch.NewContextWatcher(&pgconn.DeadlineContextWatcherHandler{Conn: conn})
+	watch.Watch(ctx)
+	var (
+		failOnce sync.Once
+		failErr  error
+	)
+	fail := func(err error) {
+		failOnce.Do(func() {
+			failErr = err
+			_ = conn.Close()
+		})
+	}
+	wdone := make(chan struct{})
+	go func() {
+		defer close(wdone)
+		if err := writeChunked(conn, out); err != nil {
+			fail(err)
+		}
+	}()
+
+	res := make([]pipeResult, 0, len(msgs))
+	cur := pipeResult{}
+	for len(res) < len(msgs) {
+		m, rerr := pgc.ReceiveMessage(context.Background())
+		if rerr != nil {
+			fail(rerr)
+			break
+		}
+		switch m := m.(type) {
+		case *pgproto3.CommandComplete:
+			cur.tag = string(m.CommandTag)
+			if cur.err == nil && len(cur.tag) > 5 && cur.tag[:5] == "COPY " {
+				cur.copiesDone++
+			}
+		case *pgproto3.ErrorResponse:
+			if cur.err == nil {
+				cur.err = pgconn.ErrorResponseToPgError(m)
+			}
+		case *pgproto3.ReadyForQuery:
+			res = append(res, cur)
+			cur = pipeResult{}
+		}
+	}
+	<-wdone
+	err := failErr
+	watch.Unwatch()
+	if err != nil {
+		if ctxErr := ctx.Err(); ctxErr != nil {
+			err = &interruptedError{ctxErr: ctxErr, err: err}
+		}
+		closeConn(pgc)
+		if cur.err != nil {
+			// A FATAL error arrives before the connection drops: it classifies the
+			// failure.
+			return res, cur.err
+		}
+		return res, err
+	}
+	return res, nil
+}
