@@ -46,23 +46,43 @@ func (b *BatchSession) commit(ctx context.Context, bt *batch) (err error) {
 	seq := s.nextSeq()
 	rejected := map[int]bool{} // rows of bt rejected while isolating bad rows
 	rejects := append([]Reject(nil), bt.rejects...)
+	var sent int64        // bytes sent for the batch, every attempt included
+	var good map[int]bool // set: isolate the bad rows; rows known to pass
 	for {
 		sel, merged := b.selectRows(bt, func(i int) bool { return rejected[i] })
 		sel = b.knownFirst(bt, sel)
 		if err := b.checkRejects(bt, rejects); err != nil {
 			return err
 		}
-		var sent int64
-		err := s.run(ctx, seq, func(ctx context.Context, n int) (commitOutcome, error) {
-			out, nbytes, err := b.attempt(ctx, seq, n, bt, sel, int64(len(sel))+merged, rejects, bt.last, false)
-			sent = nbytes
-			return out, err
-		})
-		if err == nil {
-			rows := int64(len(sel)) + merged
-			b.committed(seq, bt.last, rows, rejects, sent, t0)
-			b.publishKeys(bt, sel)
-			return nil
+		var err error
+		if good != nil {
+			var applied []int
+			applied, merged, err = b.isolate(ctx, seq, bt, good, rejected, &rejects, &sent)
+			good = nil
+			if err == nil {
+				b.committed(seq, bt.last, int64(len(applied))+merged, rejects, sent, t0)
+				b.publishKeys(bt, applied)
+				return nil
+			}
+			if errors.Is(err, ErrTooManyRejects) {
+				return err
+			}
+			// A failure isolation cannot place (a data error without a COPY line,
+			// found by the merge or at COMMIT): bisect the rows it left.
+			sel, _ = b.selectRows(bt, func(i int) bool { return rejected[i] })
+			sel = b.knownFirst(bt, sel)
+		} else {
+			err = s.run(ctx, seq, func(ctx context.Context, n int) (commitOutcome, error) {
+				out, nbytes, err := b.attempt(ctx, seq, n, bt, sel, int64(len(sel))+merged, rejects, bt.last, false)
+				sent += nbytes
+				return out, err
+			})
+			if err == nil {
+				rows := int64(len(sel)) + merged
+				b.committed(seq, bt.last, rows, rejects, sent, t0)
+				b.publishKeys(bt, sel)
+				return nil
+			}
 		}
 		pg := pgErrorOf(err)
 		var rerr *rowError
@@ -89,6 +109,14 @@ func (b *BatchSession) commit(ctx context.Context, bt *batch) (err error) {
 		}
 		rejects = append(rejects, rej)
 		rejected[bad] = true
+		if rerr != nil && b.cfg.SQL == "" {
+			// The COPY placed the bad row: rows before it passed. Find the other bad
+			// rows in one transaction rather than one re-sent batch each.
+			good = make(map[int]bool, pos)
+			for _, i := range sel[:pos] {
+				good[i] = true
+			}
+		}
 	}
 }
 
