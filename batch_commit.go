@@ -127,13 +127,15 @@ func (b *BatchSession) committed(seq int64, cursor *string, rows int64, rejects 
 	s.mu.Lock()
 	s.stat.flushNanos += int64(d)
 	s.mu.Unlock()
-	if b.cfg.OnCommitFunc != nil {
-		c := ""
-		if cursor != nil {
-			c = *cursor
-		}
-		b.cfg.OnCommitFunc(BatchResult{Job: s.cfg.Job, Seq: seq, Rows: rows, Rejects: int64(len(rejects)), Bytes: sent, Cursor: c, Duration: d})
+	c := ""
+	if cursor != nil {
+		c = *cursor
 	}
+	res := BatchResult{Job: s.cfg.Job, Seq: seq, Rows: rows, Rejects: int64(len(rejects)), Bytes: sent, Cursor: c, Duration: d}
+	if b.cfg.OnCommitFunc != nil {
+		b.cfg.OnCommitFunc(res)
+	}
+	s.notifyCommit(res) // SessionConfig.OnCommitFunc, with the unit's attempts
 }
 
 // attempt makes one attempt to commit rows sel of bt (with rejects and the
