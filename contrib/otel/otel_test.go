@@ -81,17 +81,15 @@ func runJob(t *testing.T, inst *pgetlotel.Instrumentation, collect func(r *jobRu
 	require.NoError(t, err)
 	defer func() { require.NoError(t, reg.Unregister()) }()
 
-	// A BatchSet: BatchSession does not call SessionConfig.OnCommitFunc yet (it
-	// calls only its own BatchConfig.OnCommitFunc).
-	b, err := s.Batches(ctx, pgetl.BatchConfig{Table: db.Qualified("items"), Columns: []string{"id", "v"},
-		CommitRows: jobBatchRows, CommitInterval: -1, InFlight: 1, Rejects: pgetl.RejectToTable, MaxRejects: 10})
+	b, err := s.Batch(ctx, pgetl.BatchConfig{Table: db.Qualified("items"), Columns: []string{"id", "v"},
+		CommitRows: jobBatchRows, CommitInterval: -1, Rejects: pgetl.RejectToTable, MaxRejects: 10})
 	require.NoError(t, err)
 	for i := 1; i <= jobRows; i++ {
 		v := i
 		if i == badRow {
 			v = -1
 		}
-		require.NoError(t, b.Add(ctx, strconv.Itoa(i), []any{i, v}))
+		require.NoError(t, b.Add(ctx, strconv.Itoa(i), i, v))
 	}
 	require.NoError(t, b.Close(ctx))
 	// A Session.Tx unit: counted in pgetl.txs.committed, no span.
