@@ -129,7 +129,10 @@ func TestInstrumentation(t *testing.T) {
 
 	t.Run("HooksChained", func(t *testing.T) {
 		require.Equal(t, st.Batches(), r.commits, "the OnCommitFunc set before Configure")
-		require.Equal(t, st.TotalRetries(), r.retries, "the OnRetryFunc set before Configure")
+		// Stat.Retries also counts work that is no retried attempt (isolation round
+		// trips, bisection probes, in-doubt resolutions): OnRetryFunc sees only retries.
+		require.Positive(t, r.retries, "the OnRetryFunc set before Configure")
+		require.LessOrEqual(t, r.retries, st.TotalRetries())
 	})
 
 	t.Run("Spans", func(t *testing.T) {
@@ -164,7 +167,7 @@ func TestInstrumentation(t *testing.T) {
 		require.Equal(t, st.Rows(), rows, "sum of the spans' rows")
 		require.Equal(t, st.Rejects(), rejects, "sum of the spans' rejects")
 		require.Equal(t, st.Bytes(), bytes, "sum of the spans' bytes")
-		require.Equal(t, st.TotalRetries(), retryEvents, "a retry event per retried attempt")
+		require.Equal(t, r.retries, retryEvents, "a retry event per retried attempt (OnRetryFunc call)")
 
 		require.NotNil(t, killed, "no span for batch %d", killedSeq)
 		a := attrs(killed.Attributes())
