@@ -223,6 +223,8 @@ type batch struct {
 }
 
 func (bt *batch) reset() {
+	clear(bt.vals) // drop the references, not only the length
+	clear(bt.keyVals)
 	bt.buf, bt.offs, bt.idx, bt.cursors = bt.buf[:0], bt.offs[:0], bt.idx[:0], bt.cursors[:0]
 	bt.keys, bt.vals, bt.rejects, bt.last, bt.seen = bt.keys[:0], bt.vals[:0], nil, nil, 0
 	bt.keyVals, bt.known, bt.stale = bt.keyVals[:0], bt.known[:0], false
@@ -323,7 +325,9 @@ func (s *Session) Batch(ctx context.Context, cfg BatchConfig) (*BatchSession, er
 // Add buffers one row. cursor is the row's position in the source (page token, file
 // offset, last id): the checkpoint's cursor after the row's batch commits, so a job
 // restarted after a crash skips rows up to it. values are in the order of
-// BatchConfig.Columns. Add returns a *BatchError, without buffering the row, when a
+// BatchConfig.Columns; Add keeps none of them (the COPY path encodes them, the
+// statement path copies them), so the caller may reuse a buffer once Add returns.
+// Add returns a *BatchError, without buffering the row, when a
 // value cannot be encoded for its column (under RejectToTable the row is rejected
 // instead), ErrClosed after Close, and the error of an earlier failed flush.
 func (b *BatchSession) Add(ctx context.Context, cursor string, values ...any) error {
@@ -349,8 +353,9 @@ func (b *BatchSession) Add(ctx context.Context, cursor string, values ...any) er
 	var err error
 	if b.cfg.SQL != "" {
 		// Encode once to check the values (the statement's own encoding happens at
-		// flush), so a value its parameter cannot take is reported here.
-		b.scratch = b.scratch[:0]
+		// flush), so a value its parameter cannot take is reported here. Keep a copy:
+		// the caller may reuse a []byte (or any slice, map or pointer) for the next
+		// row.
 		for i, v := range values {
 			if b.scratch, err = b.encodeValue(b.oids[i], v, b.scratch[:0]); err != nil {
 				col = i
@@ -358,7 +363,7 @@ func (b *BatchSession) Add(ctx context.Context, cursor string, values ...any) er
 			}
 		}
 		if err == nil {
-			bt.vals = append(bt.vals, append([]any(nil), values...))
+			bt.vals = append(bt.vals, ownValues(values))
 		}
 	} else {
 		col, err = b.encode(bt, values)
@@ -377,7 +382,7 @@ func (b *BatchSession) Add(ctx context.Context, cursor string, values ...any) er
 		bt.cursors = append(bt.cursors, cursor)
 		if kc := b.cfg.KeyCache; kc != nil {
 			k := values[b.keyIx[0]]
-			bt.keyVals = append(bt.keyVals, k)
+			bt.keyVals = append(bt.keyVals, ownValue(k)) // handed to the cache after commit
 			bt.known = append(bt.known, kc.HasKey(k))
 		}
 	}

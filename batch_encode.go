@@ -1,9 +1,12 @@
 package pgetl
 
 import (
+	"bytes"
 	"encoding/binary"
 	"encoding/json"
 	"fmt"
+	"reflect"
+	"time"
 
 	"github.com/jackc/pgx/v5/pgtype"
 )
@@ -130,4 +133,116 @@ func truncate(s string, n int) string {
 		return s
 	}
 	return s[:n] + "…"
+}
+
+// ownValues returns a copy of values that shares no memory the caller may change
+// after Add returns: see ownValue.
+func ownValues(values []any) []any {
+	out := make([]any, len(values))
+	for i, v := range values {
+		out[i] = ownValue(v)
+	}
+	return out
+}
+
+// ownValue returns v, or a copy of it if it holds memory the caller may reuse: a
+// []byte (the common case: a read buffer) and any other slice, array, map, pointer
+// or struct are copied deeply, through their exported fields. Values without such
+// memory (strings, numbers, time.Time, …) are returned as they are. Memory held in
+// unexported fields (a *big.Int's words) is shared: such values must not be
+// modified after Add.
+func ownValue(v any) any {
+	switch x := v.(type) {
+	case nil, string, bool, int, int8, int16, int32, int64, uint, uint8, uint16, uint32, uint64,
+		float32, float64, time.Time, time.Duration:
+		return v
+	case []byte:
+		return bytes.Clone(x)
+	}
+	return deepCopy(reflect.ValueOf(v), 0).Interface()
+}
+
+// deepCopyDepth bounds the recursion of deepCopy (a cyclic value is copied that
+// deep, then shared).
+const deepCopyDepth = 32
+
+// deepCopy returns a copy of v of the same type, sharing no slice, map or pointed-to
+// memory reachable through exported fields, down to deepCopyDepth.
+func deepCopy(v reflect.Value, depth int) reflect.Value {
+	if depth > deepCopyDepth || !hasRefs(v.Type()) {
+		return v
+	}
+	t := v.Type()
+	switch v.Kind() {
+	case reflect.Slice:
+		if v.IsNil() {
+			return v
+		}
+		out := reflect.MakeSlice(t, v.Len(), v.Len())
+		if !hasRefs(t.Elem()) {
+			reflect.Copy(out, v)
+			return out
+		}
+		for i := range v.Len() {
+			out.Index(i).Set(deepCopy(v.Index(i), depth+1))
+		}
+		return out
+	case reflect.Array:
+		out := reflect.New(t).Elem()
+		for i := range v.Len() {
+			out.Index(i).Set(deepCopy(v.Index(i), depth+1))
+		}
+		return out
+	case reflect.Map:
+		if v.IsNil() {
+			return v
+		}
+		out := reflect.MakeMapWithSize(t, v.Len())
+		for it := v.MapRange(); it.Next(); {
+			out.SetMapIndex(it.Key(), deepCopy(it.Value(), depth+1))
+		}
+		return out
+	case reflect.Pointer:
+		if v.IsNil() {
+			return v
+		}
+		out := reflect.New(t.Elem())
+		out.Elem().Set(deepCopy(v.Elem(), depth+1))
+		return out
+	case reflect.Interface:
+		if v.IsNil() {
+			return v
+		}
+		out := reflect.New(t).Elem()
+		out.Set(deepCopy(v.Elem(), depth+1))
+		return out
+	case reflect.Struct:
+		out := reflect.New(t).Elem()
+		out.Set(v) // unexported fields as they are
+		for i := range t.NumField() {
+			if t.Field(i).IsExported() {
+				out.Field(i).Set(deepCopy(v.Field(i), depth+1))
+			}
+		}
+		return out
+	}
+	return v
+}
+
+// hasRefs reports whether values of t may hold slice, map, pointer or interface
+// memory (chan and func values are shared: they are not data).
+func hasRefs(t reflect.Type) bool {
+	switch t.Kind() {
+	case reflect.Slice, reflect.Map, reflect.Pointer, reflect.Interface:
+		return true
+	case reflect.Array:
+		return hasRefs(t.Elem())
+	case reflect.Struct:
+		for i := range t.NumField() {
+			if hasRefs(t.Field(i).Type) {
+				return true
+			}
+		}
+	}
+	return false
 }
