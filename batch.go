@@ -164,13 +164,18 @@ type Reject struct {
 
 // BatchSession buffers rows and commits them in batches through its [Session]. Add
 // encodes each row at once into the binary COPY format, so a value its column cannot
-// take is reported by Add, with its row and column. A full batch is committed by a
+// take is reported by Add, with its row and column (the statement path checks the
+// values the same way and keeps a copy of them). A full batch is committed by a
 // goroutine of the BatchSession while the caller goes on adding rows to the next one;
 // at most one batch is in flight and batches commit in order. No connection and no
 // transaction is held between flushes.
 //
 // A BatchSession is not safe for concurrent use by several goroutines (like
-// [pgx.Conn]); its Stat is.
+// [pgx.Conn]), except for Close and Stat: Close (or Session.Close, which calls it)
+// may run while another goroutine is in Add or Flush. From the moment Close begins,
+// Add and Flush return ErrClosed (or their own result, if they got there first);
+// the rows Add accepted before are committed by Close, or abandoned if Close's ctx
+// ends first, as its error then says. Nothing panics and no goroutine is left.
 type BatchSession struct {
 	s       *Session
 	cfg     BatchConfig
@@ -189,22 +194,25 @@ type BatchSession struct {
 	nvals      int             // values Add takes: Columns, then the lookups' attributes
 	part       bool            // a table of a BatchSet: the set commits it
 
-	sendMu sync.Mutex // held while a batch is swapped out and handed to the flusher
-	mu     sync.Mutex // guards cur, err, closed
+	// handoff is a semaphore (capacity 1), held while a batch is swapped out and
+	// handed to the flusher, so batches reach it in the order they were filled. A
+	// channel rather than a mutex so that Close can give up waiting when its ctx
+	// ends.
+	handoff chan struct{}
+
+	mu     sync.Mutex // guards the fields below
 	cur    *batch
 	err    error // sticky: the first failure; every later call returns it
-	closed bool
-
-	limit int // rows of the batch being filled: ramps up to CommitRows (slow start)
+	closed bool  // Close has begun: Add and Flush return ErrClosed
+	limit  int   // rows of the batch being filled: ramps up to CommitRows (slow start)
 
 	closeOnce sync.Once
 	closeErr  error
 
-	queue chan flushReq
-	free  chan *batch
-	bg    context.Context // for interval flushes; canceled by Close
-	stop  context.CancelFunc
-	wg    sync.WaitGroup
+	flusher *flusher
+	free    chan *batch        // committed batches, for reuse
+	bg      context.Context    // the batch session's own context: background commits; canceled by Close
+	stop    context.CancelFunc // cancels bg
 }
 
 type batch struct {
@@ -293,20 +301,10 @@ func (s *Session) Batch(ctx context.Context, cfg BatchConfig) (*BatchSession, er
 	if err := cfg.setDefaults(); err != nil {
 		return nil, err
 	}
-	b := &BatchSession{s: s, cfg: cfg, m: pgtype.NewMap(), queue: make(chan flushReq), free: make(chan *batch, 2)}
+	b := &BatchSession{s: s, cfg: cfg, m: pgtype.NewMap(), handoff: make(chan struct{}, 1), free: make(chan *batch, 2)}
 	if err := b.describe(ctx); err != nil {
 		return nil, err
 	}
-	s.mu.Lock()
-	if s.closed || s.closing {
-		s.mu.Unlock()
-		return nil, ErrClosed
-	}
-	if s.batches == nil {
-		s.batches = map[*BatchSession]struct{}{}
-	}
-	s.batches[b] = struct{}{}
-	s.mu.Unlock()
 	b.cur = &batch{}
 	// Slow start, with the default CommitRows: the first batches are small and
 	// double up to CommitRows, so the server starts working after a few hundred rows
@@ -317,8 +315,22 @@ func (s *Session) Batch(ctx context.Context, cfg BatchConfig) (*BatchSession, er
 		b.limit = min(b.cfg.CommitRows, slowStartRows)
 	}
 	b.bg, b.stop = context.WithCancel(context.WithoutCancel(ctx))
-	b.wg.Add(1)
-	go b.loop()
+	b.flusher = newFlusher(b)
+	b.flusher.Start()
+	// Register the batch session only now that it is whole: from here Session.Close
+	// may close it, from another goroutine.
+	s.mu.Lock()
+	if s.closed || s.closing {
+		s.mu.Unlock()
+		b.flusher.Stop()
+		b.stop()
+		return nil, ErrClosed
+	}
+	if s.batches == nil {
+		s.batches = map[*BatchSession]struct{}{}
+	}
+	s.batches[b] = struct{}{}
+	s.mu.Unlock()
 	return b, nil
 }
 
@@ -419,54 +431,99 @@ func (b *BatchSession) column(i int) string {
 }
 
 // Flush commits the buffered rows and waits until every batch handed off before it
-// has committed (or failed).
+// has committed (or failed). It returns ErrClosed once Close has begun.
 func (b *BatchSession) Flush(ctx context.Context) error {
-	b.mu.Lock()
-	err := b.stateErr()
-	b.mu.Unlock()
-	if err != nil {
-		return err
-	}
 	return b.dispatch(ctx, true)
 }
 
-// dispatch hands the current batch to the flusher; with wait, it waits for the
-// result of every batch handed off so far.
+// dispatch hands the current batch to the flusher (Add, with a full batch); with
+// wait (Flush), it waits for the result of every batch handed off so far.
 func (b *BatchSession) dispatch(ctx context.Context, wait bool) error {
-	b.sendMu.Lock()
 	b.mu.Lock()
+	err, closed := b.dispatchErr(wait), b.closed
+	b.mu.Unlock()
+	if err != nil || closed {
+		return err
+	}
+	if err := b.acquire(ctx); err != nil {
+		b.fail(err)
+		return err
+	}
+	b.mu.Lock()
+	if err := b.dispatchErr(wait); err != nil || b.closed {
+		b.mu.Unlock()
+		b.release()
+		return err
+	}
 	bt := b.swap()
 	b.mu.Unlock()
 	// A batch handed off by Add commits in the background, under the batch
 	// session's own context (canceled by Close): the ctx of the Add that filled it
-	// bounds only the hand-off. Flush and Close wait, so their ctx bounds the commit.
+	// bounds only the hand-off. Flush waits, so its ctx bounds the commit.
 	req := flushReq{ctx: b.bg, bt: bt}
 	if wait {
 		req.ctx, req.done = ctx, make(chan error, 1)
 	}
-	select {
-	case b.queue <- req:
-	case <-ctx.Done():
-		b.sendMu.Unlock()
-		b.fail(ctx.Err())
-		return ctx.Err()
+	err = b.flusher.hand(ctx, req)
+	b.release()
+	if err != nil {
+		b.fail(err) // the batch is lost
+		return err
 	}
-	b.sendMu.Unlock()
 	if !wait {
 		return nil
 	}
+	return b.wait(ctx, req)
+}
+
+// dispatchErr returns why dispatch cannot hand off a batch: ErrClosed for Flush
+// once Close has begun, the sticky error. For Add after Close began it returns nil:
+// Close took the batch, the row of that Add with it, and commits it. Caller must
+// hold mu.
+func (b *BatchSession) dispatchErr(wait bool) error {
+	if b.closed && !wait {
+		return nil
+	}
+	return b.stateErr()
+}
+
+// wait returns the result of req, handed to the flusher. If ctx ends first, it
+// cancels the batch session's background commits too (one queued before req would
+// hold it up) and returns the result, which then is quick.
+func (b *BatchSession) wait(ctx context.Context, req flushReq) error {
 	select {
 	case err := <-req.done:
 		return err
 	case <-ctx.Done():
-		// Also end a background commit queued before this one.
 		b.stop()
 		return <-req.done
 	}
 }
 
+// acquire takes the hand-off semaphore, or returns ctx's error.
+func (b *BatchSession) acquire(ctx context.Context) error {
+	select {
+	case b.handoff <- struct{}{}:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// tryAcquire takes the hand-off semaphore if it is free.
+func (b *BatchSession) tryAcquire() bool {
+	select {
+	case b.handoff <- struct{}{}:
+		return true
+	default:
+		return false
+	}
+}
+
+func (b *BatchSession) release() { <-b.handoff }
+
 // swap takes the current batch if it holds anything and starts a new one. Caller
-// must hold mu and sendMu.
+// must hold mu and the hand-off semaphore.
 func (b *BatchSession) swap() *batch {
 	if b.cur.seen == 0 {
 		return nil
@@ -503,10 +560,113 @@ func (b *BatchSession) fail(err error) {
 	b.mu.Unlock()
 }
 
-// loop is the flusher: it commits handed-off batches in order, and the buffered rows
-// when they are older than CommitInterval. It ends when Close closes the queue.
-func (b *BatchSession) loop() {
-	defer b.wg.Done()
+// Close commits the buffered rows, waits for every batch in flight, and stops the
+// flusher. It returns the first error of the session's batches, if any, or ctx's
+// error if ctx ended before the buffered rows committed (they are then abandoned:
+// the checkpoint stays before them). Close is idempotent and safe for concurrent
+// use, also with Add and Flush in another goroutine: once it has begun they
+// return ErrClosed. Every call returns the result of the first.
+func (b *BatchSession) Close(ctx context.Context) error {
+	b.closeOnce.Do(func() { b.closeErr = b.close(ctx) })
+	return b.closeErr
+}
+
+func (b *BatchSession) close(ctx context.Context) error {
+	// Take the hand-off, so that the last batch goes after any batch an Add is
+	// handing off now, then refuse Add and Flush from here on.
+	err := ctx.Err()
+	acquired := false
+	if err == nil {
+		err = b.acquire(ctx)
+		acquired = err == nil
+	}
+	b.mu.Lock()
+	b.closed = true
+	if err == nil {
+		err = b.err
+	}
+	var bt *batch
+	if err == nil {
+		bt = b.swap()
+	}
+	b.mu.Unlock()
+	if err == nil {
+		// The last batch (bt may be nil: then a barrier for the batches in flight).
+		req := flushReq{ctx: ctx, bt: bt, done: make(chan error, 1)}
+		err = b.flusher.hand(ctx, req)
+		b.release()
+		acquired = false
+		if err == nil {
+			err = b.wait(ctx, req)
+		}
+	}
+	if acquired {
+		b.release()
+	}
+	// Nothing is left to commit, or it is abandoned: cancel what may still run (a
+	// Flush's commit in another goroutine, if ctx ended) and stop the flusher.
+	b.stop()
+	b.flusher.Stop()
+	b.s.mu.Lock()
+	delete(b.s.batches, b)
+	b.s.mu.Unlock()
+	return err
+}
+
+// Stat returns the counters of the batch session's Session.
+func (b *BatchSession) Stat() Stat { return b.s.Stat() }
+
+// flusher is a batch session's background service: from Start until Stop it
+// commits the batches handed to it, one at a time and in the order they were
+// handed off, and the buffered rows once they are older than CommitInterval. The
+// hand-off channel is never closed: a hand-off after Stop returns ErrClosed, it
+// cannot panic. Tests wait on Done and Committed instead of polling.
+type flusher struct {
+	b         *BatchSession
+	queue     chan flushReq // unbuffered: a hand-off completes when the loop takes it
+	stop      chan struct{} // closed by Stop
+	done      chan struct{} // closed when the loop has returned
+	committed chan struct{} // signaled (capacity 1, never blocking) after each batch the loop commits
+	once      sync.Once
+}
+
+func newFlusher(b *BatchSession) *flusher {
+	return &flusher{b: b, queue: make(chan flushReq), stop: make(chan struct{}), done: make(chan struct{}),
+		committed: make(chan struct{}, 1)}
+}
+
+// Start starts the loop.
+func (f *flusher) Start() { go f.run() }
+
+// Stop stops the loop and waits for it: a request the loop took is answered first.
+// It is idempotent.
+func (f *flusher) Stop() {
+	f.once.Do(func() { close(f.stop) })
+	<-f.done
+}
+
+// Done is closed once the loop has returned.
+func (f *flusher) Done() <-chan struct{} { return f.done }
+
+// Committed receives a signal after a batch committed (at most one is pending).
+func (f *flusher) Committed() <-chan struct{} { return f.committed }
+
+// hand passes req to the loop. It returns ErrClosed if the flusher is stopped, and
+// ctx's error if ctx ends first.
+func (f *flusher) hand(ctx context.Context, req flushReq) error {
+	select {
+	case f.queue <- req:
+		return nil
+	case <-f.stop:
+		return ErrClosed
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+func (f *flusher) run() {
+	defer close(f.done)
+	b := f.b
 	var tick <-chan time.Time
 	if b.cfg.CommitInterval > 0 {
 		t := time.NewTicker(max(b.cfg.CommitInterval/4, time.Millisecond))
@@ -516,13 +676,12 @@ func (b *BatchSession) loop() {
 	lastCommit := time.Now()
 	for {
 		select {
-		case req, ok := <-b.queue:
-			if !ok {
-				return
-			}
+		case <-f.stop:
+			return
+		case req := <-f.queue:
 			var err error
 			if req.bt != nil {
-				err = b.commit(req.ctx, req.bt)
+				err = f.commit(req.ctx, req.bt)
 				lastCommit = time.Now()
 			}
 			if req.done != nil {
@@ -534,7 +693,7 @@ func (b *BatchSession) loop() {
 				req.done <- err
 			}
 		case <-tick:
-			if time.Since(lastCommit) < b.cfg.CommitInterval || !b.sendMu.TryLock() {
+			if time.Since(lastCommit) < b.cfg.CommitInterval || !b.tryAcquire() {
 				continue
 			}
 			b.mu.Lock()
@@ -543,43 +702,28 @@ func (b *BatchSession) loop() {
 				bt = b.swap()
 			}
 			b.mu.Unlock()
-			b.sendMu.Unlock()
+			b.release()
 			lastCommit = time.Now()
 			if bt != nil {
-				_ = b.commit(b.bg, bt)
+				_ = f.commit(b.bg, bt)
 			}
 		}
 	}
 }
 
-// Close commits the buffered rows, waits for every batch in flight, and stops the
-// flusher. It returns the first error of the session's batches, if any. Close is
-// idempotent; Add and Flush after it return ErrClosed.
-func (b *BatchSession) Close(ctx context.Context) error {
-	b.closeOnce.Do(func() { b.closeErr = b.close(ctx) })
-	return b.closeErr
-}
-
-func (b *BatchSession) close(ctx context.Context) error {
-	b.mu.Lock()
-	err := b.err
-	b.mu.Unlock()
-	if err == nil {
-		err = b.dispatch(ctx, true)
+// commit commits bt under ctx, which Close also ends (by canceling the batch
+// session's context).
+func (f *flusher) commit(ctx context.Context, bt *batch) error {
+	b := f.b
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	defer context.AfterFunc(b.bg, cancel)()
+	if err := b.commit(ctx, bt); err != nil {
+		return err
 	}
-	b.mu.Lock()
-	b.closed = true
-	b.mu.Unlock()
-	b.sendMu.Lock()
-	close(b.queue)
-	b.sendMu.Unlock()
-	b.wg.Wait()
-	b.stop()
-	b.s.mu.Lock()
-	delete(b.s.batches, b)
-	b.s.mu.Unlock()
-	return err
+	select {
+	case f.committed <- struct{}{}:
+	default:
+	}
+	return nil
 }
-
-// Stat returns the counters of the batch session's Session.
-func (b *BatchSession) Stat() Stat { return b.s.Stat() }
