@@ -5,7 +5,8 @@ package pgetl
 // (40001) between two Session.Tx read-modify-write units at REPEATABLE READ and
 // SERIALIZABLE. The interleavings are forced (a row lock held by the test; channels
 // between the units), so the conflict happens on every run: the loser is retried
-// and both complete with an exact result.
+// and both complete with an exact result. How often a deadlock recurs on the
+// loser's rerun is up to the scheduler, so the deadlock test counts at least one.
 
 import (
 	"context"
@@ -66,15 +67,21 @@ func TestFaultDeadlock(t *testing.T) {
 		require.NoError(t, waitJob(t, res[job], 60*time.Second), job)
 	}
 	bd.requireExactly(t, k)
-	var deadlocks int64
+	// The forced interleaving guarantees one deadlock, not how many: the loser's
+	// rerun starts again from its own end and can meet the winner, still on its way
+	// there, in the middle, and either may lose that second one. So: at least one
+	// deadlock, every retry a deadlock's, and an exact result.
+	var deadlocks, retries int64
 	for job, s := range sessions {
 		st := s.Stat()
 		t.Logf("%s: retries %v", job, st.Retries())
 		deadlocks += st.Retries()["deadlock"]
+		retries += st.TotalRetries()
 		last := strconv.FormatInt(jobs[job][1], 10)
 		requireCheckpoint(t, bd.pool, bd.db.Schema, job, last, k, 0)
 	}
-	require.Equal(t, int64(1), deadlocks, "one deadlock, retried once")
+	require.Positive(t, deadlocks, "the deadlock was retried")
+	require.Equal(t, deadlocks, retries, "every retry was a deadlock's")
 }
 
 func TestFaultSerialization(t *testing.T) {
