@@ -166,19 +166,26 @@ func TestBatchNoIdleInTransaction(t *testing.T) {
 	require.NoError(t, err)
 	for i := int64(1); i <= 4; i++ {
 		require.NoError(t, b.Add(ctx, fmt.Sprint(i), itemRow(i)...))
+		seen := sampler.samples.Load()
 		time.Sleep(2 * time.Second) // the slow source (this is the test's workload, not a wait)
+		// The sampler looked during the pause: a sample begun after Add returned
+		// (the first one counted may have begun before) ended before the next Add.
+		require.True(t, poll(t, 30*time.Second, func() bool { return sampler.samples.Load() >= seen+2 }),
+			"no sample during pause %d", i)
 	}
 	require.NoError(t, b.Close(ctx))
 	sampler.Stop()
 	bd.requireExactly(t, 4)
 	require.Zero(t, s.Stat().TotalRetries(), "no 25P03 or other retry: %v", s.Stat().Retries())
-	require.Greater(t, sampler.samples.Load(), int64(100))
 	require.Zero(t, sampler.idle.Load(), "samples with the job idle in transaction")
 	require.GreaterOrEqual(t, s.Stat().Batches(), int64(3), "CommitInterval commits while the source is slow")
 }
 
-// TestBatchConnectionLifetime: with MaxConnLifetime 1 s, a 5 s job's batches move to
-// new backends between batches, never within one.
+// TestBatchConnectionLifetime: with MaxConnLifetime 1 s, a job's batches move to new
+// backends between batches, never within one. Each round commits a few batches, then
+// waits until the pool has retired (by lifetime) every backend they ran on, so the
+// next round must run on new ones: a session that kept its connection across
+// batches would never let that happen.
 func TestBatchConnectionLifetime(t *testing.T) {
 	t.Parallel()
 	bd := setupItems(t)
@@ -186,35 +193,59 @@ func TestBatchConnectionLifetime(t *testing.T) {
 	cfg, err := pgxpool.ParseConfig(bd.db.URL)
 	require.NoError(t, err)
 	cfg.MaxConnLifetime, cfg.MaxConnLifetimeJitter, cfg.MaxConns = time.Second, 0, 2
+	cfg.HealthCheckPeriod = 50 * time.Millisecond // retires expired idle connections
 	pool, err := pgxpool.NewWithConfig(ctx, cfg)
 	require.NoError(t, err)
 	defer pool.Close()
 	var mu sync.Mutex
-	pids := map[int64][]uint32{}
+	conns := map[int64][]*pgconn.PgConn{} // per batch, guarded by mu
 	s, err := NewSession(ctx, pool, SessionConfig{Job: "lifetime", CheckpointSchema: bd.db.Schema,
 		beforeCommit: func(_ context.Context, seq int64, _ int, c *pgconn.PgConn) {
 			mu.Lock()
-			pids[seq] = append(pids[seq], c.PID())
+			conns[seq] = append(conns[seq], c)
 			mu.Unlock()
 		}})
 	require.NoError(t, err)
 	defer s.Close(ctx)
 	b, err := s.Batch(ctx, BatchConfig{Table: bd.table, Columns: itemCols, CommitRows: 100})
 	require.NoError(t, err)
-	start := time.Now()
-	for i := int64(1); time.Since(start) < 5*time.Second; i++ {
-		require.NoError(t, b.Add(ctx, fmt.Sprint(i), itemRow(i)...))
-		if i%100 == 0 {
-			time.Sleep(50 * time.Millisecond) // the source's pace
+	const rounds, perRound = 4, 3
+	next := int64(1)
+	retired := map[*pgconn.PgConn]bool{}
+	for r := range rounds {
+		mu.Lock()
+		before := len(conns)
+		mu.Unlock()
+		require.NoError(t, load(ctx, b, next, next+perRound*100-1))
+		next += perRound * 100
+		require.NoError(t, b.Flush(ctx))
+		mu.Lock()
+		used := map[*pgconn.PgConn]uint32{}
+		for seq, cs := range conns {
+			require.Len(t, cs, 1, "batch %d ran on one connection", seq)
+			if seq > int64(before) {
+				require.False(t, retired[cs[0]], "round %d: batch %d ran on a retired connection", r, seq)
+				used[cs[0]] = cs[0].PID()
+			}
+		}
+		mu.Unlock()
+		require.NotEmpty(t, used)
+		require.True(t, poll(t, 30*time.Second, func() bool {
+			for _, pid := range used {
+				if bd.db.Int(t, "SELECT count(*) FROM pg_stat_activity WHERE pid = $1", pid) > 0 {
+					return false
+				}
+			}
+			return true
+		}), "round %d: the pool did not retire the backends %v", r, used)
+		for c := range used {
+			retired[c] = true
 		}
 	}
 	require.NoError(t, b.Close(ctx))
-	distinct := map[uint32]bool{}
-	for seq, p := range pids {
-		require.Len(t, p, 1, "batch %d ran on one connection", seq)
-		distinct[p[0]] = true
-	}
-	require.GreaterOrEqual(t, len(distinct), 4, "backends over a 5 s job with 1 s lifetime")
+	bd.requireExactly(t, next-1)
+	require.GreaterOrEqual(t, len(retired), rounds, "a new backend each round")
+	t.Logf("%d batches on %d backends; pool retired %d by lifetime", len(conns), len(retired), pool.Stat().MaxLifetimeDestroyCount())
 }
 
 // TestBatchLockTimeoutGuard: a batch that waits on a lock held elsewhere trips the
