@@ -91,8 +91,10 @@ type BatchConfig struct {
 	// CommitRowsDefault, reached after a slow start (the first batch holds 500 rows,
 	// each next one twice as many); an explicit value applies from the first batch.
 	CommitRows int
-	// CommitBytes commits a batch once its encoded rows reach this many bytes (COPY
-	// path only). Defaults to CommitBytesDefault; at most CommitBytesMax.
+	// CommitBytes commits a batch once the bytes it holds reach this many: its
+	// encoded rows (on the statement path, the encoded size of the values it keeps)
+	// and the rows Add refused under RejectToTable. Defaults to CommitBytesDefault;
+	// at most CommitBytesMax.
 	CommitBytes int
 	// CommitInterval commits buffered rows at least this often, also while the source
 	// is idle. Defaults to CommitIntervalDefault; negative disables it.
@@ -107,10 +109,16 @@ type BatchConfig struct {
 	// Rejects is the bad-row policy. Defaults to RejectFail.
 	Rejects RejectPolicy
 	// MaxRejects stops the job (ErrTooManyRejects) once more rows than this were
-	// rejected since the job started. 0 means no absolute limit.
+	// rejected since the job started. Rows the server refuses count when their
+	// batch commits; rows Add refuses count at once: the Add of the refused row
+	// that exceeds the limit commits the rows before it (with their rejects and
+	// the checkpoint, as RejectFail does) and returns a *BatchError wrapping
+	// ErrTooManyRejects, which every later call returns. 0 means no absolute
+	// limit.
 	MaxRejects int64
-	// MaxRejectRatio stops the job once rejected rows exceed this fraction of the
-	// rows seen (checked after the first 1,000 rows). 0 means no limit.
+	// MaxRejectRatio stops the job, as MaxRejects does, once rejected rows exceed
+	// this fraction of the rows seen (checked after the first 1,000 rows). 0 means
+	// no limit.
 	MaxRejectRatio float64
 
 	// OnCommitFunc, if set, is called after each batch commits, from the goroutine
@@ -168,7 +176,8 @@ type Reject struct {
 // values the same way and keeps a copy of them). A full batch is committed by a
 // goroutine of the BatchSession while the caller goes on adding rows to the next one;
 // at most one batch is in flight and batches commit in order. No connection and no
-// transaction is held between flushes.
+// transaction is held between flushes. Memory is bounded by the batch: a batch is
+// full at CommitRows rows or CommitBytes bytes, the rows Add refused included.
 //
 // A BatchSession is not safe for concurrent use by several goroutines (like
 // [pgx.Conn]), except for Close and Stat: Close (or Session.Close, which calls it)
@@ -205,6 +214,14 @@ type BatchSession struct {
 	err    error // sticky: the first failure; every later call returns it
 	closed bool  // Close has begun: Add and Flush return ErrClosed
 	limit  int   // rows of the batch being filled: ramps up to CommitRows (slow start)
+	// The reject count that MaxRejects and MaxRejectRatio check at Add: the
+	// Session's committed rejects and rows seen (its checkpoint's Rejects and
+	// Rows+Rejects) as of this batch session's last commit, plus the refused rows
+	// and rows seen of the batches handed to the flusher and not committed yet,
+	// plus the current batch's. The flusher moves a batch's counts from pending to
+	// base in one step, so no row is counted twice or missed.
+	rejBase, seenBase     int64
+	pendRejects, pendSeen int64
 
 	closeOnce sync.Once
 	closeErr  error
@@ -228,13 +245,14 @@ type batch struct {
 	rejects []Reject // rows rejected by Add (encode failures)
 	last    *string  // cursor of the last row added (rejected or not)
 	seen    int64    // rows added, rejected included
+	extra   int      // bytes held outside buf: the statement path's values, rejects
 }
 
 func (bt *batch) reset() {
 	clear(bt.vals) // drop the references, not only the length
 	clear(bt.keyVals)
 	bt.buf, bt.offs, bt.idx, bt.cursors = bt.buf[:0], bt.offs[:0], bt.idx[:0], bt.cursors[:0]
-	bt.keys, bt.vals, bt.rejects, bt.last, bt.seen = bt.keys[:0], bt.vals[:0], nil, nil, 0
+	bt.keys, bt.vals, bt.rejects, bt.last, bt.seen, bt.extra = bt.keys[:0], bt.vals[:0], nil, nil, 0, 0
 	bt.keyVals, bt.known, bt.stale = bt.keyVals[:0], bt.known[:0], false
 }
 
@@ -326,6 +344,7 @@ func (s *Session) Batch(ctx context.Context, cfg BatchConfig) (*BatchSession, er
 		b.stop()
 		return nil, ErrClosed
 	}
+	b.rejBase, b.seenBase = s.cp.Rejects, s.cp.Rows+s.cp.Rejects
 	if s.batches == nil {
 		s.batches = map[*BatchSession]struct{}{}
 	}
@@ -339,9 +358,10 @@ func (s *Session) Batch(ctx context.Context, cfg BatchConfig) (*BatchSession, er
 // restarted after a crash skips rows up to it. values are in the order of
 // BatchConfig.Columns; Add keeps none of them (the COPY path encodes them, the
 // statement path copies them), so the caller may reuse a buffer once Add returns.
-// Add returns a *BatchError, without buffering the row, when a
-// value cannot be encoded for its column (under RejectToTable the row is rejected
-// instead), ErrClosed after Close, and the error of an earlier failed flush.
+// Add returns a *BatchError, without buffering the row, when a value cannot be
+// encoded for its column (under RejectToTable the row is rejected instead, and
+// counts toward the batch's size, MaxRejects and MaxRejectRatio at once),
+// ErrClosed after Close has begun, and the error of an earlier failed flush.
 func (b *BatchSession) Add(ctx context.Context, cursor string, values ...any) error {
 	b.mu.Lock()
 	if err := b.stateErr(); err != nil {
@@ -368,14 +388,17 @@ func (b *BatchSession) Add(ctx context.Context, cursor string, values ...any) er
 		// flush), so a value its parameter cannot take is reported here. Keep a copy:
 		// the caller may reuse a []byte (or any slice, map or pointer) for the next
 		// row.
+		size := 0
 		for i, v := range values {
 			if b.scratch, err = b.encodeValue(b.oids[i], v, b.scratch[:0]); err != nil {
 				col = i
 				break
 			}
+			size += len(b.scratch)
 		}
 		if err == nil {
 			bt.vals = append(bt.vals, ownValues(values))
+			bt.extra += size + valueOverhead*len(values)
 		}
 	} else {
 		col, err = b.encode(bt, values)
@@ -387,8 +410,13 @@ func (b *BatchSession) Add(ctx context.Context, cursor string, values ...any) er
 			b.mu.Unlock()
 			return berr
 		}
-		bt.rejects = append(bt.rejects, Reject{Row: idx, Cursor: cursor, SQLState: "22P02",
-			Message: err.Error(), Column: berr.Column, Values: valuesJSON(values)})
+		if total, seen, over := b.overRejects(bt); over {
+			b.mu.Unlock()
+			return b.tooManyRejects(ctx, berr, total, seen)
+		}
+		rej := Reject{Row: idx, Cursor: cursor, SQLState: "22P02", Message: err.Error(), Column: berr.Column, Values: valuesJSON(values)}
+		bt.rejects = append(bt.rejects, rej)
+		bt.extra += rejectOverhead + len(rej.Cursor) + len(rej.Message) + len(rej.Column) + len(rej.Values)
 	} else {
 		bt.idx = append(bt.idx, idx)
 		bt.cursors = append(bt.cursors, cursor)
@@ -398,10 +426,12 @@ func (b *BatchSession) Add(ctx context.Context, cursor string, values ...any) er
 			bt.known = append(bt.known, kc.HasKey(k))
 		}
 	}
-	// The row is buffered or rejected: its cursor is accounted for.
+	// The row is buffered or rejected: its cursor is accounted for, and it takes
+	// its place in the batch either way, so a batch of refused rows fills up and
+	// commits (their rejects and the checkpoint) like any other.
 	bt.seen++
 	bt.last = &cursor
-	full := bt.rows() >= b.limit || len(bt.buf) >= b.cfg.CommitBytes
+	full := bt.seen >= int64(b.limit) || len(bt.buf)+bt.extra >= b.cfg.CommitBytes
 	if full && b.limit < b.cfg.CommitRows {
 		b.limit = min(2*b.limit, b.cfg.CommitRows)
 	}
@@ -410,6 +440,46 @@ func (b *BatchSession) Add(ctx context.Context, cursor string, values ...any) er
 		return nil
 	}
 	return b.dispatch(ctx, false)
+}
+
+// Estimates of the memory a batch holds besides the bytes it counts: per value the
+// statement path keeps (an interface), per reject (the Reject's fields).
+const (
+	valueOverhead  = 16
+	rejectOverhead = 128
+)
+
+// overRejects reports whether one more row refused by Add takes the job over
+// MaxRejects or MaxRejectRatio, and the counts it found: the rejects committed, those
+// of the batches in flight and of bt, and this row; the rows seen likewise. Caller
+// must hold mu.
+func (b *BatchSession) overRejects(bt *batch) (total, seen int64, over bool) {
+	if b.cfg.MaxRejects == 0 && b.cfg.MaxRejectRatio == 0 {
+		return 0, 0, false
+	}
+	total = b.rejBase + b.pendRejects + int64(len(bt.rejects)) + 1
+	seen = b.seenBase + b.pendSeen + bt.seen + 1
+	over = b.cfg.MaxRejects > 0 && total > b.cfg.MaxRejects
+	if b.cfg.MaxRejectRatio > 0 && seen >= 1000 && float64(total) > b.cfg.MaxRejectRatio*float64(seen) {
+		over = true
+	}
+	return total, seen, over
+}
+
+// tooManyRejects stops the batch session at the row of berr, which Add refused and
+// which is one reject too many: it commits the rows before it (with their rejects
+// and the checkpoint, so a rerun resumes at this row, as RejectFail does), then
+// makes berr, wrapping ErrTooManyRejects, the session's sticky error.
+func (b *BatchSession) tooManyRejects(ctx context.Context, berr *BatchError, total, seen int64) error {
+	ferr := b.dispatch(ctx, true)
+	berr.Err = fmt.Errorf("%w: %d rejected of %d seen (MaxRejects %d, MaxRejectRatio %g): %w",
+		ErrTooManyRejects, total, seen, b.cfg.MaxRejects, b.cfg.MaxRejectRatio, berr.Err)
+	berr.Committed = ferr == nil
+	if ferr != nil {
+		berr.Err = fmt.Errorf("%w (the rows before it were not committed: %w)", berr.Err, ferr)
+	}
+	b.fail(berr)
+	return berr
 }
 
 // stateErr returns why the session cannot take rows. Caller must hold mu.
@@ -522,13 +592,16 @@ func (b *BatchSession) tryAcquire() bool {
 
 func (b *BatchSession) release() { <-b.handoff }
 
-// swap takes the current batch if it holds anything and starts a new one. Caller
-// must hold mu and the hand-off semaphore.
+// swap takes the current batch if it holds anything and starts a new one; the
+// batch's reject counts move to pending (see overRejects). Caller must hold mu and
+// the hand-off semaphore.
 func (b *BatchSession) swap() *batch {
 	if b.cur.seen == 0 {
 		return nil
 	}
 	bt := b.cur
+	b.pendRejects += int64(len(bt.rejects))
+	b.pendSeen += bt.seen
 	// Size the next batch for b.limit rows of the size seen so far, so it does not
 	// grow by doubling (COPY path; the statement path keeps values, not bytes).
 	rows, size := b.limit, len(bt.buf)
@@ -557,6 +630,21 @@ func (b *BatchSession) fail(err error) {
 	if b.err == nil {
 		b.err = err
 	}
+	b.mu.Unlock()
+}
+
+// settle records that a batch holding rejects refused rows of seen rows committed:
+// its counts leave pending and the base takes the Session's checkpoint, which now
+// holds them (and the rejects the server found in it), in one step under mu.
+func (b *BatchSession) settle(rejects, seen int64) {
+	s := b.s
+	s.mu.Lock()
+	rej, rows := s.cp.Rejects, s.cp.Rows
+	s.mu.Unlock()
+	b.mu.Lock()
+	b.rejBase, b.seenBase = rej, rows+rej
+	b.pendRejects -= rejects
+	b.pendSeen -= seen
 	b.mu.Unlock()
 }
 
@@ -712,15 +800,18 @@ func (f *flusher) run() {
 }
 
 // commit commits bt under ctx, which Close also ends (by canceling the batch
-// session's context).
+// session's context), and settles its reject counts.
 func (f *flusher) commit(ctx context.Context, bt *batch) error {
 	b := f.b
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	defer context.AfterFunc(b.bg, cancel)()
+	// Read before the commit: once committed, bt goes back to the free list.
+	rejects, seen := int64(len(bt.rejects)), bt.seen
 	if err := b.commit(ctx, bt); err != nil {
 		return err
 	}
+	b.settle(rejects, seen)
 	select {
 	case f.committed <- struct{}{}:
 	default:
