@@ -42,7 +42,8 @@ func starLine(i int64, customers, products int64, badEvery int64) (orderID int64
 	if badEvery > 0 && i%badEvery == 0 {
 		qty = 0
 	}
-	price = fmt.Sprintf("%d.%02d", ((i*7)%10000)/100, ((i*7)%10000)%100+1)
+	cents := (i*7)%10000 + 1 // unit_price = ((i*7) % 10000)/100 + 0.01
+	price = fmt.Sprintf("%d.%02d", cents/100, cents%100)
 	at = time.Date(2024, 1, 1, 0, 0, 0, 0, time.UTC).Add(time.Duration(orderID) * time.Minute)
 	return
 }

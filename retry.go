@@ -155,6 +155,18 @@ func (s *Session) run(ctx context.Context, seq int64, attempt func(ctx context.C
 		if !IsTransient(err) {
 			return inDoubt(err)
 		}
+		if errors.Is(err, errPredecessorPending) {
+			// Waiting for a batch before this one, which is itself retrying or
+			// isolating rows: not this batch's failure, so it spends no attempt and no
+			// time of its budget. If that batch fails, it aborts this one.
+			n--
+			start = s.clock.now()
+			s.count("predecessor_pending")
+			if werr := s.clock.sleep(ctx, s.backoff(1)); werr != nil {
+				return inDoubt(werr)
+			}
+			continue
+		}
 		if werr := s.retryWait(ctx, seq, n, start, err); werr != nil {
 			return inDoubt(werr)
 		}
@@ -306,18 +318,21 @@ func IsTransient(err error) bool {
 	if errors.Is(err, errPredecessorPending) {
 		return true
 	}
+	// A failed connect is transient even when it wraps context.DeadlineExceeded:
+	// pgconn reports its own ConnectTimeout either as "i/o timeout" or as "context
+	// deadline exceeded", depending on timing. (The caller's own context is checked
+	// before IsTransient is consulted.)
+	var connectErr *pgconn.ConnectError
+	if errors.As(err, &connectErr) {
+		return true
+	}
 	if errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
-		// A deadline inside pgconn on a live connection is reported as a timeout; the
-		// caller's own context is checked before IsTransient is consulted.
+		// A deadline inside pgconn on a live connection is reported as a timeout.
 		return false
 	}
 	var pgErr *pgconn.PgError
 	if errors.As(err, &pgErr) {
 		return transientCode(pgErr.Code)
-	}
-	var connectErr *pgconn.ConnectError
-	if errors.As(err, &connectErr) {
-		return true
 	}
 	if pgconn.Timeout(err) {
 		return true

@@ -58,11 +58,14 @@ func (st Stat) FlushDuration() time.Duration { return time.Duration(st.c.flushNa
 func (st Stat) Retries() map[string]int64 { return maps.Clone(st.c.retries) }
 
 // TotalRetries returns the number of retried attempts of all classes (not counting
-// in-doubt resolutions and bisection probes).
+// in-doubt resolutions, bisection probes, bad-row isolation round trips and waits
+// for an earlier batch in flight, which are not failures of the batch).
 func (st Stat) TotalRetries() int64 {
 	var n int64
 	for k, v := range st.c.retries {
-		if k != "in_doubt_committed" && k != "bisect_probe" {
+		switch k {
+		case "in_doubt_committed", "bisect_probe", "isolate_round_trip", "predecessor_pending":
+		default:
 			n += v
 		}
 	}
