@@ -118,8 +118,18 @@ func (s *Session) Batches(ctx context.Context, cfgs ...BatchConfig) (*BatchSet, 
 	}
 	set.cur = set.newBatch()
 	set.bg, set.stop = context.WithCancel(context.WithoutCancel(ctx))
+	s.mu.Lock()
+	if s.closed || s.closing {
+		s.mu.Unlock()
+		return nil, ErrClosed
+	}
+	if s.sets == nil {
+		s.sets = map[*BatchSet]struct{}{}
+	}
+	s.sets[set] = struct{}{} // registered complete: Session.Close may close it from now on
 	set.wg.Add(1)
 	go set.loop()
+	s.mu.Unlock()
 	return set, nil
 }
 
@@ -453,6 +463,9 @@ func (set *BatchSet) Close(ctx context.Context) error {
 		set.sendMu.Unlock()
 		set.wg.Wait()
 		set.pipe.wait() // batches still in flight (after a failed Flush)
+		set.s.mu.Lock()
+		delete(set.s.sets, set)
+		set.s.mu.Unlock()
 		set.stop()
 		set.closeErr = err
 	})

@@ -306,3 +306,24 @@ func TestBatchSetInFlightUnderFaults(t *testing.T) {
 	t.Logf("%d batches, %d backends terminated, retries %v", cp.Seq, kills.Load(), s.Stat().Retries())
 	require.Positive(t, kills.Load())
 }
+
+// TestBatchSetClosedBySession: Session.Close closes an open batch set, committing what
+// it buffered, and the set refuses rows afterwards.
+func TestBatchSetClosedBySession(t *testing.T) {
+	t.Parallel()
+	db := pgtest.New(t)
+	ctx := context.Background()
+	db.Exec(t, "CREATE TABLE t (n int PRIMARY KEY)")
+	s, err := NewSession(ctx, db.Pool, SessionConfig{Job: "set-close", CheckpointSchema: db.Schema})
+	require.NoError(t, err)
+	set, err := s.Batches(ctx, BatchConfig{Table: db.Schema + ".t", Columns: []string{"n"}, CommitInterval: -1})
+	require.NoError(t, err)
+	for i := range 100 {
+		require.NoError(t, set.Add(ctx, strconv.Itoa(i), []any{int32(i)}))
+	}
+	require.NoError(t, s.Close(ctx))
+	require.Equal(t, int64(100), db.Int(t, "SELECT count(*) FROM t"))
+	require.ErrorIs(t, set.Add(ctx, "x", []any{int32(1000)}), ErrClosed)
+	_, err = s.Batches(ctx, BatchConfig{Table: db.Schema + ".t", Columns: []string{"n"}})
+	require.ErrorIs(t, err, ErrClosed)
+}

@@ -186,6 +186,7 @@ type Session struct {
 	flight   sync.WaitGroup             // units of work in flight (pipelined batches)
 	resync   bool                       // cp.Seq may be behind the database after an abandoned in-doubt commit
 	batches  map[*BatchSession]struct{} // open batch sessions, closed by Close
+	sets     map[*BatchSet]struct{}     // open batch sets, closed by Close
 	stat     statCounters
 
 	nextRow atomic.Int64 // job-wide index of the next row passed to any BatchSession.Add
@@ -253,10 +254,17 @@ func (s *Session) close(ctx context.Context) error {
 	for b := range s.batches {
 		open = append(open, b)
 	}
+	sets := make([]*BatchSet, 0, len(s.sets))
+	for set := range s.sets {
+		sets = append(sets, set)
+	}
 	s.mu.Unlock()
 	var errs []error
 	for _, b := range open {
 		errs = append(errs, b.Close(ctx))
+	}
+	for _, set := range sets {
+		errs = append(errs, set.Close(ctx))
 	}
 	// Wait for a Tx or Finish in flight, then let nothing new start.
 	s.commitMu.Lock()
