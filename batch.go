@@ -228,6 +228,7 @@ type BatchSession struct {
 
 	flusher *flusher
 	free    chan *batch        // committed batches, for reuse
+	pipe    *pipeline          // batches in flight (InFlight > 1), nil with one at a time
 	bg      context.Context    // the batch session's own context: background commits; canceled by Close
 	stop    context.CancelFunc // cancels bg
 }
@@ -245,6 +246,7 @@ type batch struct {
 	rejects []Reject // rows rejected by Add (encode failures)
 	last    *string  // cursor of the last row added (rejected or not)
 	seen    int64    // rows added, rejected included
+	record  []func() // what committed, to account for once the batches before it are
 	extra   int      // bytes held outside buf: the statement path's values, rejects
 }
 
@@ -253,7 +255,7 @@ func (bt *batch) reset() {
 	clear(bt.keyVals)
 	bt.buf, bt.offs, bt.idx, bt.cursors = bt.buf[:0], bt.offs[:0], bt.idx[:0], bt.cursors[:0]
 	bt.keys, bt.vals, bt.rejects, bt.last, bt.seen, bt.extra = bt.keys[:0], bt.vals[:0], nil, nil, 0, 0
-	bt.keyVals, bt.known, bt.stale = bt.keyVals[:0], bt.known[:0], false
+	bt.keyVals, bt.known, bt.stale, bt.record = bt.keyVals[:0], bt.known[:0], false, nil
 }
 
 func (bt *batch) rows() int { return len(bt.idx) }
@@ -320,6 +322,17 @@ func (s *Session) Batch(ctx context.Context, cfg BatchConfig) (*BatchSession, er
 		return nil, err
 	}
 	b := &BatchSession{s: s, cfg: cfg, m: pgtype.NewMap(), handoff: make(chan struct{}, 1), free: make(chan *batch, 2)}
+	inFlight := cfg.InFlight
+	if inFlight == 0 {
+		inFlight = InFlightDefault
+	}
+	if inFlight < 1 {
+		return nil, fmt.Errorf("pgetl: BatchConfig.InFlight must be at least 1, got %d", inFlight)
+	}
+	if inFlight > 1 {
+		b.pipe = newPipeline(s, inFlight)
+		b.free = make(chan *batch, inFlight+1)
+	}
 	if err := b.describe(ctx); err != nil {
 		return nil, err
 	}
@@ -755,6 +768,9 @@ func (f *flusher) hand(ctx context.Context, req flushReq) error {
 func (f *flusher) run() {
 	defer close(f.done)
 	b := f.b
+	if b.pipe != nil {
+		defer b.pipe.wait() // the batches still in flight end before the flusher does
+	}
 	var tick <-chan time.Time
 	if b.cfg.CommitInterval > 0 {
 		t := time.NewTicker(max(b.cfg.CommitInterval/4, time.Millisecond))
@@ -769,8 +785,10 @@ func (f *flusher) run() {
 		case req := <-f.queue:
 			var err error
 			if req.bt != nil {
-				err = f.commit(req.ctx, req.bt)
+				_, err = f.commitNext(req.ctx, req.bt, req.done != nil)
 				lastCommit = time.Now()
+			} else if req.done != nil && b.pipe != nil {
+				b.pipe.wait() // a barrier: every batch handed off is accounted for
 			}
 			if req.done != nil {
 				b.mu.Lock()
@@ -793,7 +811,7 @@ func (f *flusher) run() {
 			b.release()
 			lastCommit = time.Now()
 			if bt != nil {
-				_ = f.commit(b.bg, bt)
+				_, _ = f.commitNext(b.bg, bt, false)
 			}
 		}
 	}
@@ -802,19 +820,57 @@ func (f *flusher) run() {
 // commit commits bt under ctx, which Close also ends (by canceling the batch
 // session's context), and settles its reject counts.
 func (f *flusher) commit(ctx context.Context, bt *batch) error {
+	_, err := f.commitNext(ctx, bt, true)
+	return err
+}
+
+// commitNext commits bt, one batch at a time, or (InFlight > 1) submits it to commit
+// while the batches before it are in flight; with wait it returns once bt and every
+// batch before it are accounted for.
+func (f *flusher) commitNext(ctx context.Context, bt *batch, wait bool) (<-chan struct{}, error) {
 	b := f.b
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	defer context.AfterFunc(b.bg, cancel)()
 	// Read before the commit: once committed, bt goes back to the free list.
 	rejects, seen := int64(len(bt.rejects)), bt.seen
-	if err := b.commit(ctx, bt); err != nil {
-		return err
+	settled := func() {
+		b.settle(rejects, seen)
+		select {
+		case f.committed <- struct{}{}:
+		default:
+		}
 	}
-	b.settle(rejects, seen)
-	select {
-	case f.committed <- struct{}{}:
-	default:
+	if b.pipe == nil {
+		ctx, cancel := context.WithCancel(ctx)
+		defer cancel()
+		defer context.AfterFunc(b.bg, cancel)()
+		if err := b.commit(ctx, bt); err != nil {
+			return nil, err
+		}
+		settled()
+		return nil, nil
 	}
-	return nil
+	done := b.pipe.submit(ctx, b.ready, func(ctx context.Context, seq int64) (func(), error) {
+		ctx, cancel := context.WithCancel(ctx)
+		defer cancel()
+		defer context.AfterFunc(b.bg, cancel)()
+		err := b.commitUnit(ctx, bt, seq)
+		if len(bt.record) == 0 {
+			return nil, err
+		}
+		return func() {
+			for _, r := range bt.record {
+				r()
+			}
+			if err == nil {
+				settled()
+				b.recycle(bt)
+			}
+		}, err
+	}, b.fail)
+	if !wait {
+		return done, nil
+	}
+	<-done
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return done, b.err
 }

@@ -12,10 +12,8 @@ import (
 	"github.com/jackc/pgx/v5"
 )
 
-// commit commits bt as one batch: its rows, its rejects and its checkpoint in one
-// transaction, retried as a whole on transient failures. A data error is pinned to
-// its row (from the COPY's CONTEXT line or the failing statement, else by
-// bisection) and handled by the reject policy. Any failure is sticky.
+// commit commits bt as one batch, one batch at a time (InFlight 1): see commitUnit.
+// Any failure is sticky.
 func (b *BatchSession) commit(ctx context.Context, bt *batch) (err error) {
 	s := b.s
 	s.commitMu.Lock()
@@ -23,27 +21,52 @@ func (b *BatchSession) commit(ctx context.Context, bt *batch) (err error) {
 	defer func() {
 		if err != nil {
 			b.fail(err)
-		} else {
-			select {
-			case b.free <- bt:
-			default:
-			}
 		}
 	}()
+	if err := b.ready(ctx); err != nil {
+		return err
+	}
+	err = b.commitUnit(ctx, bt, s.nextSeq())
+	for _, r := range bt.record {
+		r()
+	}
+	if err == nil {
+		b.recycle(bt)
+	}
+	return err
+}
+
+// ready reports why the batch session cannot commit: its sticky error, the
+// session's state, a checkpoint that cannot be re-read. Caller holds s.commitMu.
+func (b *BatchSession) ready(ctx context.Context) error {
 	b.mu.Lock()
-	err = b.err
+	err := b.err
 	b.mu.Unlock()
 	if err != nil {
 		return err
 	}
-	if err := s.usable(); err != nil {
+	if err := b.s.usable(); err != nil {
 		return err
 	}
-	if err := s.sync(ctx); err != nil {
-		return err
+	return b.s.sync(ctx)
+}
+
+// recycle puts a committed batch on the free list.
+func (b *BatchSession) recycle(bt *batch) {
+	select {
+	case b.free <- bt:
+	default:
 	}
+}
+
+// commitUnit commits bt as unit seq: its rows, its rejects and its checkpoint in one
+// transaction, retried as a whole on transient failures. A data error is pinned to
+// its row (from the COPY's CONTEXT line or the failing statement, else by
+// bisection) and handled by the reject policy. What committed is appended to
+// bt.record, to be accounted for once the batches before it are.
+func (b *BatchSession) commitUnit(ctx context.Context, bt *batch, seq int64) error {
+	s := b.s
 	t0 := time.Now()
-	seq := s.nextSeq()
 	rejected := map[int]bool{} // rows of bt rejected while isolating bad rows
 	rejects := append([]Reject(nil), bt.rejects...)
 	var sent int64        // bytes sent for the batch, every attempt included
@@ -60,8 +83,11 @@ func (b *BatchSession) commit(ctx context.Context, bt *batch) (err error) {
 			applied, merged, err = b.isolate(ctx, seq, bt, good, rejected, &rejects, &sent)
 			good = nil
 			if err == nil {
-				b.committed(seq, bt.last, int64(len(applied))+merged, rejects, sent, t0)
-				b.publishKeys(bt, applied)
+				rows, rej, sent := int64(len(applied))+merged, rejects, sent
+				bt.record = append(bt.record, func() {
+					b.committed(seq, bt.last, rows, rej, sent, t0)
+					b.publishKeys(bt, applied)
+				})
 				return nil
 			}
 			if errors.Is(err, ErrTooManyRejects) {
@@ -78,9 +104,11 @@ func (b *BatchSession) commit(ctx context.Context, bt *batch) (err error) {
 				return out, err
 			})
 			if err == nil {
-				rows := int64(len(sel)) + merged
-				b.committed(seq, bt.last, rows, rejects, sent, t0)
-				b.publishKeys(bt, sel)
+				rows, rej, sent, sel := int64(len(sel))+merged, rejects, sent, sel
+				bt.record = append(bt.record, func() {
+					b.committed(seq, bt.last, rows, rej, sent, t0)
+					b.publishKeys(bt, sel)
+				})
 				return nil
 			}
 		}
@@ -105,6 +133,9 @@ func (b *BatchSession) commit(ctx context.Context, bt *batch) (err error) {
 		bad := sel[pos]
 		rej := b.rejectOf(bt, bad, pg)
 		if b.cfg.Rejects == RejectFail {
+			if b.pipe != nil {
+				b.pipe.abortAfter(seq) // later batches must not commit past the bad row
+			}
 			return b.failAt(ctx, seq, bt, bad, rejected, rejects, rej, pg, t0)
 		}
 		rejects = append(rejects, rej)

@@ -55,8 +55,10 @@ func (b *BatchSession) failAt(ctx context.Context, seq int64, bt *batch, bad int
 	if err != nil {
 		return fmt.Errorf("%w (and committing the rows before it failed: %w)", berr, err)
 	}
-	b.committed(seq, cursor, rows, keep, sent, t0)
-	b.publishKeys(bt, prefix)
+	bt.record = append(bt.record, func() {
+		b.committed(seq, cursor, rows, keep, sent, t0)
+		b.publishKeys(bt, prefix)
+	})
 	berr.Committed = true
 	return berr
 }
