@@ -817,13 +817,6 @@ func (f *flusher) run() {
 	}
 }
 
-// commit commits bt under ctx, which Close also ends (by canceling the batch
-// session's context), and settles its reject counts.
-func (f *flusher) commit(ctx context.Context, bt *batch) error {
-	_, err := f.commitNext(ctx, bt, true)
-	return err
-}
-
 // commitNext commits bt, one batch at a time, or (InFlight > 1) submits it to commit
 // while the batches before it are in flight; with wait it returns once bt and every
 // batch before it are accounted for.
