@@ -136,6 +136,7 @@ func (j *job) run(readCtx, jobCtx context.Context, signaled func() os.Signal) in
 		Table:          j.cfg.schema + "." + workload.Table,
 		Columns:        workload.Columns,
 		CommitRows:     j.cfg.commitRows,
+		InFlight:       j.cfg.inFlight,
 		CommitInterval: j.cfg.commitInterval,
 		OnCommitFunc:   j.onCommit,
 	}

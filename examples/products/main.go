@@ -77,6 +77,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/pgetl/pgetl"
 	"github.com/pgetl/pgetl/examples/internal/jobkit"
 )
 
@@ -99,6 +100,7 @@ type config struct {
 	version          int64
 	mode             string
 	commitRows       int
+	inFlight         int
 	commitInterval   time.Duration
 	schema           string
 	checkpointSchema string
@@ -128,7 +130,8 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 	fs.Int64Var(&c.rows, "rows", 200_000, "rows of the api and synthetic sources")
 	fs.Int64Var(&c.version, "version", 1, "generator version of the api and synthetic rows (a run with V+1 updates every row)")
 	fs.StringVar(&c.mode, "mode", "upsert", "upsert (keyed on sku, with the SKU cache) or insert (plain COPY, for an empty table)")
-	fs.IntVar(&c.commitRows, "commit-rows", 0, "rows per batch (0: pgetl's default, 10000)")
+	fs.IntVar(&c.commitRows, "commit-rows", 0, fmt.Sprintf("rows per batch (0: pgetl's default, %d, reached after a slow start from 500)", pgetl.CommitRowsDefault))
+	fs.IntVar(&c.inFlight, "in-flight", 0, fmt.Sprintf("batches committing at once, each on its own connection (0: pgetl's default, %d)", pgetl.InFlightDefault))
 	fs.DurationVar(&c.commitInterval, "commit-interval", 0, "commit buffered rows at least this often (0: pgetl's default, 5s)")
 	fs.StringVar(&c.schema, "schema", "pgetl_demo", "target schema, created with its products table if missing")
 	fs.StringVar(&c.checkpointSchema, "checkpoint-schema", "", "schema of the checkpoint and reject tables (default: -schema)")
@@ -175,6 +178,8 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 		return c, fmt.Errorf("-version %d: must not be negative", c.version)
 	case c.commitRows < 0:
 		return c, fmt.Errorf("-commit-rows %d: must not be negative", c.commitRows)
+	case c.inFlight < 0:
+		return c, fmt.Errorf("-in-flight %d: must not be negative", c.inFlight)
 	case c.maxRejects < 0:
 		return c, fmt.Errorf("-max-rejects %d: must not be negative", c.maxRejects)
 	case c.pageSize < 1 || c.pageSize > 10_000:

@@ -143,7 +143,7 @@ func TestProductsJob(t *testing.T) {
 		db := pgtest.New(t)
 		job := "kill-" + db.Schema
 		args := []string{"-job", job, "-rows", fmt.Sprint(e2eRows), "-page-size", "200", "-page-delay", "15ms",
-			"-commit-rows", "1000", "-api-faults", "0"}
+			"-commit-rows", "1000", "-api-faults", "0", "-in-flight", "4"} // killed with batches in flight
 		ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 		defer cancel()
 		cmd, _, stderr := e.command(ctx, db.Schema, args...)
