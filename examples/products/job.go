@@ -60,6 +60,7 @@ type outcome struct {
 	stat      pgetl.Stat
 	resumedAt int64
 	elapsed   time.Duration
+	lost      *pgetl.CheckpointLostError // the database lost committed batches
 }
 
 func (j *job) run(readCtx, jobCtx context.Context, signaled func() os.Signal) int {
@@ -186,9 +187,14 @@ func (j *job) run(readCtx, jobCtx context.Context, signaled func() os.Signal) in
 	if out.err == nil {
 		out.err = closeErr
 	}
+	if errors.As(out.err, &out.lost) {
+		out.cp = out.lost.Database // what the database still has, not what it acknowledged
+	}
 	sig := signaled()
 	code := exitOK
 	switch {
+	case out.lost != nil:
+		out.status, code = "FAILED: the database lost committed batches (failover or restore)", exitFailed
 	case out.err != nil:
 		out.status, code = "FAILED", exitFailed
 	case sig != nil:
@@ -391,14 +397,22 @@ func (j *job) summary(o outcome) {
 		fmt.Fprintf(w, "  resumed     after %s\n", j.src.Where(o.resumedAt))
 	}
 	fmt.Fprintf(w, "  rows read   %d\n", j.read.Load())
-	fmt.Fprintf(w, "  loaded      %d (inserted %d, updated %d)\n", st.Rows(), ins, upd)
+	loaded := st.Rows()
+	if o.lost != nil {
+		// Rows this run committed that the database no longer has are not loaded.
+		gone := o.lost.Committed.Rows - o.lost.Database.Rows
+		loaded = max(0, loaded-gone)
+		fmt.Fprintf(w, "  loaded      %d (%d more were committed but lost by the database; inserted/updated unknown after the loss)\n", loaded, gone)
+	} else {
+		fmt.Fprintf(w, "  loaded      %d (inserted %d, updated %d)\n", loaded, ins, upd)
+	}
 	fmt.Fprintf(w, "  rejects     %d\n", st.Rejects())
 	fmt.Fprintf(w, "  batches     %d\n", st.Batches())
 	fmt.Fprintf(w, "  retries     %d (database %d, api %d)\n", st.TotalRetries()+j.apiRetries.Load(), st.TotalRetries(), j.apiRetries.Load())
 	fmt.Fprintf(w, "  elapsed     %s\n", o.elapsed.Round(time.Millisecond))
 	rate := 0.0
 	if secs > 0 {
-		rate = float64(st.Rows()) / secs
+		rate = float64(loaded) / secs
 	}
 	fmt.Fprintf(w, "  rate        %.0f rows/s\n", rate)
 	where := "none"
@@ -408,6 +422,10 @@ func (j *job) summary(o outcome) {
 		}
 	}
 	fmt.Fprintf(w, "  checkpoint  %s (job total: %d rows, %d rejects)\n", where, o.cp.Rows, o.cp.Rejects)
+	if o.lost != nil {
+		fmt.Fprintf(w, "  lost        %d rows (batches %d..%d); a rerun resumes after %s\n",
+			o.lost.Committed.Rows-o.lost.Database.Rows, o.lost.Database.Seq+1, o.lost.Committed.Seq, where)
+	}
 	fmt.Fprintf(w, "  look        psql -c 'SELECT * FROM %s ORDER BY id DESC LIMIT 5'\n", j.table)
 	if st.Rejects() > 0 || o.cp.Rejects > 0 {
 		fmt.Fprintf(w, "  see rejects SELECT row_index, cursor, message FROM %s WHERE job = '%s'\n", j.rejectTable(), strings.ReplaceAll(j.cfg.job, "'", "''"))
