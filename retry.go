@@ -73,7 +73,7 @@ const (
 // out), the error wraps ErrInDoubt: the outcome is unknown, and the session re-reads
 // the checkpoint before its next unit of work (and in Checkpoint).
 func (s *Session) run(ctx context.Context, seq int64, attempt func(ctx context.Context, n int) (commitOutcome, error)) error {
-	start := time.Now()
+	start := s.clock.now()
 	attempts, settled := 0, false
 	defer func() { s.noteUnit(seq, attempts, settled) }()
 	doubt := false // an attempt's COMMIT may have run and no later attempt settled it
