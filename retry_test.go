@@ -23,9 +23,13 @@ type fakeClock struct {
 
 func (f *fakeClock) clock() clock {
 	return clock{
-		now:   func() time.Time { return f.now },
-		sleep: func(_ context.Context, d time.Duration) error { f.sleeps = append(f.sleeps, d); f.now = f.now.Add(d); return nil },
-		rand:  func(n int64) int64 { return n - 1 },
+		now: func() time.Time { return f.now },
+		sleep: func(_ context.Context, d time.Duration) error {
+			f.sleeps = append(f.sleeps, d)
+			f.now = f.now.Add(d)
+			return nil
+		},
+		rand: func(n int64) int64 { return n - 1 },
 	}
 }
 
