@@ -180,8 +180,9 @@ loop:
 	}
 	t.Logf("seed %d: %v; faults injected %d %v (of %d tried); failed attempts %d: retries %v; bisect probes %d; cache %+v",
 		seed, elapsed.Round(time.Millisecond), total, injected, tried, failedAttempts(st), st.Retries(), st.Retries()["bisect_probe"], cache.Stat())
+	// No wall-clock bound here (issue 13 item 9): the job runs under its own
+	// context's deadline, so a hang fails as jobErr.
 	require.NoError(t, jobErr, "seed %d", seed)
-	require.Less(t, elapsed, 60*time.Second)
 
 	// The invariant.
 	var cnt, sum, distinct, wrong int64
