@@ -55,7 +55,11 @@ func TestFaultInDoubtBatch(t *testing.T) {
 			sampler := faults.SampleActivity(t, bd.db.URL, "pgetl "+job+"#", 10*time.Millisecond)
 
 			res := goJob(func() error {
-				return loadJob(ctx, s, pgetl.BatchConfig{Table: bd.table, Columns: itemCols, CommitRows: commitRows, CommitInterval: -1}, 1, n, nil)
+				// One batch in flight: the toxic must strike only the batch under test
+				// (batches in flight are covered by TestBatchSetInFlightUnderFaults and
+				// the products kill test).
+				return loadJob(ctx, s, pgetl.BatchConfig{Table: bd.table, Columns: itemCols, CommitRows: commitRows, CommitInterval: -1,
+					InFlight: 1}, 1, n, nil)
 			})
 			tr.wait(t, res, 30*time.Second)
 			var toxic string
