@@ -152,21 +152,7 @@ func (b *BatchSession) commitUnit(ctx context.Context, bt *batch, seq int64) err
 }
 
 func (b *BatchSession) committed(seq int64, cursor *string, rows int64, rejects []Reject, sent int64, t0 time.Time) {
-	s := b.s
-	s.committed(seq, cursor, rows, int64(len(rejects)), sent)
-	d := time.Since(t0)
-	s.mu.Lock()
-	s.stat.flushNanos += int64(d)
-	s.mu.Unlock()
-	c := ""
-	if cursor != nil {
-		c = *cursor
-	}
-	res := BatchResult{Job: s.cfg.Job, Seq: seq, Rows: rows, Rejects: int64(len(rejects)), Bytes: sent, Cursor: c, Duration: d}
-	if b.cfg.OnCommitFunc != nil {
-		b.cfg.OnCommitFunc(res)
-	}
-	s.notifyCommit(res) // SessionConfig.OnCommitFunc, with the unit's attempts
+	b.s.batchCommitted(seq, cursor, rows, rejects, sent, t0, b.cfg.OnCommitFunc)
 }
 
 // attempt makes one attempt to commit rows sel of bt (with rejects and the
@@ -176,17 +162,11 @@ func (b *BatchSession) committed(seq int64, cursor *string, rows int64, rejects 
 // runs the rows in a transaction that is rolled back, to test them.
 func (b *BatchSession) attempt(ctx context.Context, seq int64, n int, bt *batch, sel []int, rows int64, rejects []Reject, cursor *string, probe bool) (commitOutcome, int64, error) {
 	s := b.s
-	t0 := time.Now()
-	conn, err := s.pool.Acquire(ctx)
+	conn, release, err := s.acquire(ctx)
 	if err != nil {
 		return outcomeFailed, 0, err
 	}
-	defer func() {
-		conn.Release()
-		s.mu.Lock()
-		s.stat.holdNanos += int64(time.Since(t0))
-		s.mu.Unlock()
-	}()
+	defer release()
 	pgc := conn.Conn().PgConn()
 	if s.cfg.beforeCommit != nil && !probe {
 		s.cfg.beforeCommit(ctx, seq, n, pgc)

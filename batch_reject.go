@@ -404,8 +404,7 @@ func (b *BatchSession) isolate(ctx context.Context, seq int64, bt *batch, good, 
 // of two rows of one batch sharing a unique key, the one kept may then be the later.
 func (b *BatchSession) isolateAttempt(ctx context.Context, seq int64, n int, bt *batch, good, rejected map[int]bool, rejects *[]Reject) (out commitOutcome, applied []int, merged int64, nbytes int64, err error) {
 	s := b.s
-	t0 := time.Now()
-	conn, err := s.pool.Acquire(ctx)
+	conn, giveBack, err := s.acquire(ctx)
 	if err != nil {
 		return outcomeFailed, nil, 0, 0, err
 	}
@@ -414,10 +413,7 @@ func (b *BatchSession) isolateAttempt(ctx context.Context, seq int64, n int, bt 
 		if out != outcomeCommitted && !pgc.IsClosed() && pgc.TxStatus() != 'I' {
 			_ = pgc.Exec(ctx, "ROLLBACK").Close()
 		}
-		conn.Release()
-		s.mu.Lock()
-		s.stat.holdNanos += int64(time.Since(t0))
-		s.mu.Unlock()
+		giveBack()
 	}()
 	fail := func(err error) (commitOutcome, []int, int64, int64, error) {
 		return outcomeFailed, nil, 0, nbytes, err

@@ -661,21 +661,7 @@ func (set *BatchSet) record(r *unitResult) {
 }
 
 func (set *BatchSet) committed(seq int64, cursor *string, rows int64, rejects []Reject, sent int64, t0 time.Time) {
-	s := set.s
-	s.committed(seq, cursor, rows, int64(len(rejects)), sent)
-	d := time.Since(t0)
-	s.mu.Lock()
-	s.stat.flushNanos += int64(d)
-	s.mu.Unlock()
-	c := ""
-	if cursor != nil {
-		c = *cursor
-	}
-	res := BatchResult{Job: s.cfg.Job, Seq: seq, Rows: rows, Rejects: int64(len(rejects)), Bytes: sent, Cursor: c, Duration: d}
-	if set.cfg.OnCommitFunc != nil {
-		set.cfg.OnCommitFunc(res)
-	}
-	s.notifyCommit(res)
+	set.s.batchCommitted(seq, cursor, rows, rejects, sent, t0, set.cfg.OnCommitFunc)
 }
 
 // publish puts the keys the batch's transaction resolved into the lookups' caches:
@@ -721,17 +707,11 @@ func (e *setRowError) Unwrap() error { return e.err }
 // unknown key (LookupOnly, under RejectToTable).
 func (set *BatchSet) attempt(ctx context.Context, seq int64, n int, bt *setBatch, skip map[int64]bool, rejects []Reject, cursor *string) (commitOutcome, []resolved, int64, int64, []Reject, error) {
 	s := set.s
-	t0 := time.Now()
-	conn, err := s.pool.Acquire(ctx)
+	conn, release, err := s.acquire(ctx)
 	if err != nil {
 		return outcomeFailed, nil, 0, 0, nil, err
 	}
-	defer func() {
-		conn.Release()
-		s.mu.Lock()
-		s.stat.holdNanos += int64(time.Since(t0))
-		s.mu.Unlock()
-	}()
+	defer release()
 	pgc := conn.Conn().PgConn()
 	if s.cfg.beforeCommit != nil {
 		s.cfg.beforeCommit(ctx, seq, n, pgc)

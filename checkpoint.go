@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
 )
 
 // Checkpoint is where a job stands: the last committed batch and the cursor of its
@@ -546,6 +547,42 @@ func (s *Session) committed(seq int64, cursor *string, rows, rejects, bytes int6
 	s.stat.rejects += rejects
 	s.stat.bytes += bytes
 	s.log.Debug("pgetl: batch committed", "job", s.cfg.Job, "seq", seq, "rows", rows, "rejects", rejects, "bytes", bytes, "cursor", s.cp.Cursor)
+}
+
+// batchCommitted records a committed batch (of a BatchSession or a BatchSet): the
+// checkpoint, the counts, the flush time, and the batch's and the session's
+// OnCommitFunc. Called in batch order.
+func (s *Session) batchCommitted(seq int64, cursor *string, rows int64, rejects []Reject, sent int64, t0 time.Time, onCommit func(BatchResult)) {
+	s.committed(seq, cursor, rows, int64(len(rejects)), sent)
+	d := time.Since(t0)
+	s.mu.Lock()
+	s.stat.flushNanos += int64(d)
+	s.mu.Unlock()
+	c := ""
+	if cursor != nil {
+		c = *cursor
+	}
+	res := BatchResult{Job: s.cfg.Job, Seq: seq, Rows: rows, Rejects: int64(len(rejects)), Bytes: sent, Cursor: c, Duration: d}
+	if onCommit != nil {
+		onCommit(res)
+	}
+	s.notifyCommit(res) // SessionConfig.OnCommitFunc, with the unit's attempts
+}
+
+// acquire takes a connection for one attempt; release gives it back and adds the
+// time it was held to Stat.HoldDuration.
+func (s *Session) acquire(ctx context.Context) (conn *pgxpool.Conn, release func(), err error) {
+	t0 := time.Now()
+	conn, err = s.pool.Acquire(ctx)
+	if err != nil {
+		return nil, nil, err
+	}
+	return conn, func() {
+		conn.Release()
+		s.mu.Lock()
+		s.stat.holdNanos += int64(time.Since(t0))
+		s.mu.Unlock()
+	}, nil
 }
 
 // txCommitted records a committed Session.Tx unit: it advances the checkpoint's

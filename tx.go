@@ -3,7 +3,6 @@ package pgetl
 import (
 	"context"
 	"errors"
-	"time"
 
 	"github.com/jackc/pgx/v5"
 )
@@ -95,17 +94,11 @@ func (s *Session) TxWithOptions(ctx context.Context, opts pgx.TxOptions, fn func
 // txAttempt is one attempt of Tx. The hooks of the returned transaction are pending:
 // the caller runs them once the outcome is final.
 func (s *Session) txAttempt(ctx context.Context, seq int64, n int, opts pgx.TxOptions, fn func(pgx.Tx) error) (out commitOutcome, stx *sessionTx, err, fnErr error) {
-	t0 := time.Now()
-	conn, err := s.pool.Acquire(ctx)
+	conn, release, err := s.acquire(ctx)
 	if err != nil {
 		return outcomeFailed, nil, err, nil
 	}
-	defer func() {
-		conn.Release()
-		s.mu.Lock()
-		s.stat.holdNanos += int64(time.Since(t0))
-		s.mu.Unlock()
-	}()
+	defer release()
 	tx, err := conn.BeginTx(ctx, opts)
 	if err != nil {
 		return outcomeFailed, nil, err, nil
