@@ -133,6 +133,11 @@ type BatchConfig struct {
 	// Lookups resolve columns from natural keys (dimension lookups, get-or-create)
 	// inside the batch's transaction; see [LookupColumn]. Only with Session.Batches.
 	Lookups []LookupColumn
+
+	// Sync, with Key, makes the batch session a sync of its table: unchanged rows
+	// are not sent, and BatchSession.Sweep deletes the rows the source no longer
+	// holds; see [SyncConfig]. Only with Session.Batch.
+	Sync *SyncConfig
 }
 
 // KeySet is the set of keys that exist in an upsert's target table, as seen by
@@ -155,6 +160,14 @@ type BatchResult struct {
 	Duration time.Duration // from the first attempt to the commit, retries included
 	Attempts int           // attempts made (1 without retries)
 	InDoubt  bool          // an attempt's outcome was in doubt and found committed
+
+	// With BatchConfig.Sync: what the batch did with its rows (Rows is Inserted +
+	// Updated + Merged), or, for a transaction of BatchSession.Sweep, Deleted.
+	Inserted  int64 // rows whose key was new
+	Updated   int64 // rows that changed an existing row
+	Unchanged int64 // rows equal to their key's row: not sent
+	Merged    int64 // rows followed in the batch by a row of the same key, which won
+	Deleted   int64 // rows deleted (or marked) by a sweep
 }
 
 // Reject describes a row rejected under RejectToTable, as written to the reject
@@ -202,6 +215,7 @@ type BatchSession struct {
 	lookups    []lookupCol     // resolved BatchConfig.Lookups
 	nvals      int             // values Add takes: Columns, then the lookups' attributes
 	part       bool            // a table of a BatchSet: the set commits it
+	sync       *syncState      // BatchConfig.Sync, else nil
 
 	// handoff is a semaphore (capacity 1), held while a batch is swapped out and
 	// handed to the flusher, so batches reach it in the order they were filled. A
@@ -248,6 +262,7 @@ type batch struct {
 	seen    int64    // rows added, rejected included
 	record  []func() // what committed, to account for once the batches before it are
 	extra   int      // bytes held outside buf: the statement path's values, rejects
+	sync    syncBatch
 }
 
 func (bt *batch) reset() {
@@ -256,6 +271,7 @@ func (bt *batch) reset() {
 	bt.buf, bt.offs, bt.idx, bt.cursors = bt.buf[:0], bt.offs[:0], bt.idx[:0], bt.cursors[:0]
 	bt.keys, bt.vals, bt.rejects, bt.last, bt.seen, bt.extra = bt.keys[:0], bt.vals[:0], nil, nil, 0, 0
 	bt.keyVals, bt.known, bt.stale, bt.record = bt.keyVals[:0], bt.known[:0], false, nil
+	bt.sync.reset()
 }
 
 func (bt *batch) rows() int { return len(bt.idx) }
@@ -335,6 +351,11 @@ func (s *Session) Batch(ctx context.Context, cfg BatchConfig) (*BatchSession, er
 	}
 	if err := b.describe(ctx); err != nil {
 		return nil, err
+	}
+	if cfg.Sync != nil {
+		if err := b.setupSync(ctx); err != nil {
+			return nil, err
+		}
 	}
 	b.cur = &batch{}
 	// Slow start, with the default CommitRows: the first batches are small and
@@ -427,9 +448,14 @@ func (b *BatchSession) Add(ctx context.Context, cursor string, values ...any) er
 			b.mu.Unlock()
 			return b.tooManyRejects(ctx, berr, total, seen)
 		}
+		if b.sync != nil {
+			b.syncRefused(bt, values)
+		}
 		rej := Reject{Row: idx, Cursor: cursor, SQLState: "22P02", Message: err.Error(), Column: berr.Column, Values: valuesJSON(values)}
 		bt.rejects = append(bt.rejects, rej)
 		bt.extra += rejectOverhead + len(rej.Cursor) + len(rej.Message) + len(rej.Column) + len(rej.Values)
+	} else if b.sync != nil && b.syncAdd(bt) {
+		// Unchanged: not sent, but seen and accounted for.
 	} else {
 		bt.idx = append(bt.idx, idx)
 		bt.cursors = append(bt.cursors, cursor)

@@ -85,8 +85,7 @@ func (b *BatchSession) commitUnit(ctx context.Context, bt *batch, seq int64) err
 			if err == nil {
 				rows, rej, sent := int64(len(applied))+merged, rejects, sent
 				bt.record = append(bt.record, func() {
-					b.committed(seq, bt.last, rows, rej, sent, t0)
-					b.publishKeys(bt, applied)
+					b.recordCommit(seq, bt, bt.last, applied, rows, rej, sent, t0)
 				})
 				return nil
 			}
@@ -106,8 +105,7 @@ func (b *BatchSession) commitUnit(ctx context.Context, bt *batch, seq int64) err
 			if err == nil {
 				rows, rej, sent, sel := int64(len(sel))+merged, rejects, sent, sel
 				bt.record = append(bt.record, func() {
-					b.committed(seq, bt.last, rows, rej, sent, t0)
-					b.publishKeys(bt, sel)
+					b.recordCommit(seq, bt, bt.last, sel, rows, rej, sent, t0)
 				})
 				return nil
 			}
@@ -151,10 +149,6 @@ func (b *BatchSession) commitUnit(ctx context.Context, bt *batch, seq int64) err
 	}
 }
 
-func (b *BatchSession) committed(seq int64, cursor *string, rows int64, rejects []Reject, sent int64, t0 time.Time) {
-	b.s.batchCommitted(seq, cursor, rows, rejects, sent, t0, b.cfg.OnCommitFunc)
-}
-
 // attempt makes one attempt to commit rows sel of bt (with rejects and the
 // checkpoint at cursor) on a fresh connection, in one round trip: one simple-query
 // message holding BEGIN, the guards, the checkpoint's fence (advanceSQL), the COPY,
@@ -186,6 +180,9 @@ func (b *BatchSession) attempt(ctx context.Context, seq int64, n int, bt *batch,
 		q.WriteString(s.advanceSQL(seq, cursor, rows, int64(len(rejects))))
 	}
 	q.WriteString(b.sql.stageStmt)
+	if !probe {
+		q.WriteString(b.seenSQL(bt, seq)) // a sync's seen keys, after the fence
+	}
 	// With a key cache, sel holds the known keys first (staged, then one UPDATE …
 	// FROM), then the new ones (COPYed straight into the table).
 	known, cached := len(sel), b.cfg.KeyCache != nil && !bt.stale

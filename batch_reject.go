@@ -56,8 +56,7 @@ func (b *BatchSession) failAt(ctx context.Context, seq int64, bt *batch, bad int
 		return fmt.Errorf("%w (and committing the rows before it failed: %w)", berr, err)
 	}
 	bt.record = append(bt.record, func() {
-		b.committed(seq, cursor, rows, keep, sent, t0)
-		b.publishKeys(bt, prefix)
+		b.recordCommit(seq, bt, cursor, prefix, rows, keep, sent, t0)
 	})
 	berr.Committed = true
 	return berr
@@ -452,7 +451,7 @@ func (b *BatchSession) isolateAttempt(ctx context.Context, seq int64, n int, bt 
 		if round == 0 {
 			head := "BEGIN;" + s.guardSQL(seq)
 			if !s.cfg.skipCheckpoint {
-				head += s.advanceSQL(seq, bt.last, rows0, rejects0)
+				head += s.advanceSQL(seq, bt.last, rows0, rejects0) + b.seenSQL(bt, seq)
 			}
 			msgs = append(msgs, pipeMsg{sql: head + b.sql.stageStmt + isolateSavepoint})
 		}

@@ -553,16 +553,23 @@ func (s *Session) committed(seq int64, cursor *string, rows, rejects, bytes int6
 // checkpoint, the counts, the flush time, and the batch's and the session's
 // OnCommitFunc. Called in batch order.
 func (s *Session) batchCommitted(seq int64, cursor *string, rows int64, rejects []Reject, sent int64, t0 time.Time, onCommit func(BatchResult)) {
+	s.batchCommittedCounts(seq, cursor, rows, rejects, sent, t0, onCommit, syncCounts{})
+}
+
+// batchCommittedCounts is batchCommitted with a sync batch's counts (see sync.go).
+func (s *Session) batchCommittedCounts(seq int64, cursor *string, rows int64, rejects []Reject, sent int64, t0 time.Time, onCommit func(BatchResult), sc syncCounts) {
 	s.committed(seq, cursor, rows, int64(len(rejects)), sent)
 	d := time.Since(t0)
 	s.mu.Lock()
 	s.stat.flushNanos += int64(d)
+	s.stat.sync.add(sc)
 	s.mu.Unlock()
 	c := ""
 	if cursor != nil {
 		c = *cursor
 	}
-	res := BatchResult{Job: s.cfg.Job, Seq: seq, Rows: rows, Rejects: int64(len(rejects)), Bytes: sent, Cursor: c, Duration: d}
+	res := BatchResult{Job: s.cfg.Job, Seq: seq, Rows: rows, Rejects: int64(len(rejects)), Bytes: sent, Cursor: c, Duration: d,
+		Inserted: sc.inserted, Updated: sc.updated, Unchanged: sc.unchanged, Merged: sc.merged}
 	if onCommit != nil {
 		onCommit(res)
 	}

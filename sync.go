@@ -1,0 +1,657 @@
+package pgetl
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"strconv"
+	"strings"
+	"time"
+	"unsafe"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgtype"
+)
+
+// Defaults of [SyncConfig].
+const (
+	// MaxDeleteRatioDefault is the largest share of the target table a sweep
+	// deletes (or marks) unless told otherwise: an empty or truncated source must
+	// not wipe the table.
+	MaxDeleteRatioDefault = 0.1
+	// SweepRowsDefault is the number of rows a sweep deletes per transaction.
+	SweepRowsDefault = 10_000
+)
+
+// ErrTooManyDeletes is wrapped by the error of [BatchSession.Sweep] when the rows
+// missing from the source are more than SyncConfig.MaxDeleteRatio of the table:
+// nothing was deleted.
+var ErrTooManyDeletes = errors.New("pgetl: sync: too many rows missing from the source")
+
+// SyncConfig makes an upsert batch session ([BatchConfig.Key]) a sync of its target
+// table with a source that the job reads in full:
+//
+//   - Batch preloads a hash of every row of the table (its Columns, as the
+//     server's binary COPY sends them, which is what Add encodes). A row whose
+//     hash equals its key's is counted as unchanged and not sent; changed and new
+//     rows are merged as any upsert. Hashes change only when a batch commits (in
+//     doubt included). The cache takes 21 to 43 bytes per key (about 27 at 10M
+//     keys), whatever the key's length.
+//   - Each batch also commits the keys of all its rows, unchanged ones included,
+//     in the sync's seen set (<CheckpointSchema>.sync_seen), so a run killed and
+//     rerun remembers the rows read before its cursor.
+//   - [BatchSession.Sweep], called once the whole source was read, deletes (or
+//     marks) the rows of the table whose key was not seen, in bounded
+//     transactions, each fenced like a batch: a sweep killed and rerun deletes
+//     exactly the rows missing from the source.
+//
+// A sync run starts with an empty checkpoint cursor (a new job, or
+// SessionConfig.Restart): the seen set of an earlier run of the job is then
+// cleared. A run that resumes (cursor set) keeps it. Use a sync batch session as
+// the job's only batch session; it cannot be combined with SQL, KeyCache,
+// IgnoreExisting or Lookups, nor used in a [BatchSet]. Rows whose key holds a NULL
+// are always sent and never swept.
+type SyncConfig struct {
+	// MarkColumn, if set, makes the sweep set this column to now() on missing rows
+	// instead of deleting them (a soft delete, e.g. "deleted_at"); rows already
+	// marked are left alone. It must be one of Columns, with nil passed to Add for
+	// it, so that a row that comes back is written again with the mark cleared.
+	MarkColumn string
+	// MaxDeleteRatio is the largest share of the table's rows (unmarked rows,
+	// with MarkColumn) that the sweep deletes, rows deleted by an earlier attempt of
+	// the same run included; above it Sweep deletes nothing and returns an error
+	// wrapping ErrTooManyDeletes. Defaults to MaxDeleteRatioDefault; it must be in
+	// [0, 1] (1 lifts the guard).
+	MaxDeleteRatio float64
+	// SweepRows is how many rows one sweep transaction deletes. Defaults to
+	// SweepRowsDefault.
+	SweepRows int
+}
+
+// SweepResult describes what [BatchSession.Sweep] did.
+type SweepResult struct {
+	Table          int64 // rows of the table the sweep considered (unmarked rows, with MarkColumn)
+	Deleted        int64 // rows deleted (or marked) by this call
+	DeletedAlready int64 // rows the run's earlier, interrupted sweeps deleted
+	Transactions   int   // transactions committed by this call
+}
+
+// syncCounts are what a committed sync batch did with its rows.
+type syncCounts struct {
+	inserted, updated, unchanged, merged, deleted int64
+}
+
+// syncState is a batch session's sync: its configuration and key cache.
+type syncState struct {
+	cfg     SyncConfig
+	hashes  *rowHashes
+	keyCols []int  // positions of the key columns in Columns, in column order (as Add encodes them)
+	numCols []int  // positions of the numeric columns: their encoding is made canonical
+	numKey  bool   // a key column is numeric
+	scratch []byte // syncAdd's buffer; guarded by BatchSession.mu
+	markIx  int    // position of MarkColumn in Columns, -1 without
+	seenTbl string // quoted sync_seen table
+}
+
+// syncBatch is what a batch of a sync holds besides its rows.
+type syncBatch struct {
+	rowKeys   []uint64 // key hash of each buffered row
+	rowHashes []uint64 // row hash of each buffered row
+	seenKeys  []uint64 // key hash of every row added, unchanged and refused ones included
+	unchanged int64    // rows added that matched their hash (not buffered)
+	seenSQL   string   // the INSERT of seenKeys, built once for seenSeq
+	seenSeq   int64
+}
+
+func (sb *syncBatch) reset() {
+	sb.rowKeys, sb.rowHashes, sb.seenKeys = sb.rowKeys[:0], sb.rowHashes[:0], sb.seenKeys[:0]
+	sb.unchanged, sb.seenSQL, sb.seenSeq = 0, "", 0
+}
+
+// syncDDL creates the seen set's table. Each batch of a sync adds one row (the
+// key hashes of its rows, 8 bytes each, stored uncompressed); each sweep
+// transaction one row with its count of deleted rows.
+func syncDDL(tbl string) string {
+	return `CREATE TABLE IF NOT EXISTS ` + tbl + ` (
+	job     text NOT NULL,
+	seq     bigint NOT NULL,
+	keys    bytea,
+	deleted bigint NOT NULL DEFAULT 0,
+	PRIMARY KEY (job, seq)
+);
+ALTER TABLE ` + tbl + ` ALTER COLUMN keys SET STORAGE EXTERNAL;`
+}
+
+// setupSync checks cfg.Sync, creates the seen set's table if missing, clears the
+// job's seen set if the run starts afresh, and preloads the row hashes. Called by
+// Batch after describe.
+func (b *BatchSession) setupSync(ctx context.Context) error {
+	cfg := &b.cfg
+	sc := *cfg.Sync
+	switch {
+	case len(cfg.Key) == 0:
+		return errors.New("pgetl: BatchConfig.Sync needs a Key")
+	case cfg.KeyCache != nil || cfg.IgnoreExisting || len(cfg.Lookups) > 0:
+		return errors.New("pgetl: BatchConfig.Sync cannot be combined with KeyCache, IgnoreExisting or Lookups")
+	case sc.MaxDeleteRatio < 0 || sc.MaxDeleteRatio > 1:
+		return fmt.Errorf("pgetl: SyncConfig.MaxDeleteRatio must be in [0, 1], got %g", sc.MaxDeleteRatio)
+	case sc.SweepRows < 0:
+		return fmt.Errorf("pgetl: SyncConfig.SweepRows must not be negative, got %d", sc.SweepRows)
+	}
+	if sc.MaxDeleteRatio == 0 {
+		sc.MaxDeleteRatio = MaxDeleteRatioDefault
+	}
+	if sc.SweepRows == 0 {
+		sc.SweepRows = SweepRowsDefault
+	}
+	st := &syncState{cfg: sc, markIx: -1, seenTbl: b.s.schema + ".sync_seen"}
+	if sc.MarkColumn != "" {
+		if st.markIx = indexOf(cfg.Columns, sc.MarkColumn); st.markIx < 0 {
+			return fmt.Errorf("pgetl: SyncConfig.MarkColumn %q is not in Columns", sc.MarkColumn)
+		}
+	}
+	for i := range cfg.Columns {
+		isKey := indexOfInt(b.keyIx, i) >= 0
+		if isKey {
+			st.keyCols = append(st.keyCols, i)
+		}
+		if b.oids[i] == pgtype.NumericOID {
+			st.numCols = append(st.numCols, i)
+			st.numKey = st.numKey || isKey
+		}
+	}
+	var exists bool
+	if err := b.s.pool.QueryRow(ctx, "SELECT to_regclass($1) IS NOT NULL", st.seenTbl).Scan(&exists); err != nil {
+		return fmt.Errorf("pgetl: sync: seen set table %s: %w", st.seenTbl, err)
+	}
+	if !exists {
+		if _, err := b.s.pool.Exec(ctx, syncDDL(st.seenTbl)); err != nil {
+			return fmt.Errorf("pgetl: sync: create seen set table %s: %w", st.seenTbl, err)
+		}
+	}
+	b.s.mu.Lock()
+	fresh := b.s.cp.Cursor == ""
+	b.s.mu.Unlock()
+	if fresh {
+		// A new run: the seen set of an earlier run of the job does not count.
+		if _, err := b.s.pool.Exec(ctx, "DELETE FROM "+st.seenTbl+" WHERE job = $1", b.s.cfg.Job); err != nil {
+			return fmt.Errorf("pgetl: sync: clear the seen set of job %q: %w", b.s.cfg.Job, err)
+		}
+	}
+	var err error
+	if st.hashes, err = b.preloadHashes(ctx); err != nil {
+		return err
+	}
+	b.sync = st
+	return nil
+}
+
+// preloadHashes reads every row of the target (its Columns, in binary COPY format)
+// and returns their hashes by key.
+func (b *BatchSession) preloadHashes(ctx context.Context) (*rowHashes, error) {
+	var n int64
+	if err := b.s.pool.QueryRow(ctx, "SELECT reltuples::bigint FROM pg_class WHERE oid = $1::regclass", b.table).Scan(&n); err != nil {
+		return nil, fmt.Errorf("pgetl: sync: size of %s: %w", b.cfg.Table, err)
+	}
+	t := newRowHashes(int(max(n, 0)))
+	keyCols := make([]int, 0, len(b.keyIx))
+	for i := range b.cfg.Columns {
+		if indexOfInt(b.keyIx, i) >= 0 {
+			keyCols = append(keyCols, i)
+		}
+	}
+	var key []byte
+	sql := "COPY (SELECT " + b.cols + " FROM " + b.table + ") TO STDOUT (FORMAT binary)"
+	err := b.copyOut(ctx, sql, func(tuple []byte) error {
+		var null bool
+		key, null = tupleKey(tuple, keyCols, key[:0])
+		if null {
+			return nil // never matched, never swept
+		}
+		t.set(keyHash(key), rowHash(tuple)) // no reader yet: no lock needed
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("pgetl: sync: preload row hashes of %s: %w", b.cfg.Table, err)
+	}
+	return t, nil
+}
+
+// copyOut runs sql, a COPY … TO STDOUT (FORMAT binary), and hands each tuple (from
+// its field count on, as Add encodes rows) to fn, which must not keep it.
+func (b *BatchSession) copyOut(ctx context.Context, sql string, fn func(tuple []byte) error) error {
+	conn, release, err := b.s.acquire(ctx)
+	if err != nil {
+		return err
+	}
+	defer release()
+	w := &tupleWriter{fn: fn}
+	if _, err := conn.Conn().PgConn().CopyTo(ctx, w, sql); err != nil {
+		return err
+	}
+	if w.err != nil {
+		return w.err
+	}
+	if !w.done {
+		return errors.New("pgetl: binary COPY stream ended without its trailer")
+	}
+	return nil
+}
+
+// tupleWriter parses a binary COPY stream written to it in pieces of any size.
+type tupleWriter struct {
+	fn     func([]byte) error
+	buf    []byte
+	header bool
+	done   bool
+	err    error
+}
+
+func (w *tupleWriter) Write(p []byte) (int, error) {
+	if w.err != nil {
+		return 0, w.err
+	}
+	data := p
+	if len(w.buf) > 0 {
+		w.buf = append(w.buf, p...)
+		data = w.buf
+	}
+	rest, err := w.parse(data)
+	if err != nil {
+		w.err = err
+		return 0, err
+	}
+	w.buf = append(w.buf[:0], rest...)
+	return len(p), nil
+}
+
+// parse consumes the complete parts of data and returns the rest.
+func (w *tupleWriter) parse(data []byte) ([]byte, error) {
+	if !w.header {
+		if len(data) < len(copyHeader)+4 {
+			return data, nil
+		}
+		if !bytes.Equal(data[:11], copyHeader[:11]) {
+			return nil, errors.New("pgetl: not a binary COPY stream")
+		}
+		ext := int(binary.BigEndian.Uint32(data[15:19]))
+		if len(data) < 19+ext {
+			return data, nil
+		}
+		data, w.header = data[19+ext:], true
+	}
+	for len(data) >= 2 && !w.done {
+		n := int(int16(binary.BigEndian.Uint16(data)))
+		if n == -1 {
+			w.done = true
+			return nil, nil
+		}
+		p := 2
+		for range n {
+			if len(data) < p+4 {
+				return data, nil
+			}
+			l := int(int32(binary.BigEndian.Uint32(data[p:])))
+			p += 4
+			if l > 0 {
+				p += l
+			}
+		}
+		if len(data) < p {
+			return data, nil
+		}
+		if err := w.fn(data[:p]); err != nil {
+			return nil, err
+		}
+		data = data[p:]
+	}
+	return data, nil
+}
+
+// tupleKey appends the key bytes of tuple (fields cols, each with its length, as
+// encode builds a row's key) to dst; null reports a NULL among them.
+func tupleKey(tuple []byte, cols []int, dst []byte) (key []byte, null bool) {
+	p, c, k := 2, 0, 0
+	for k < len(cols) && p+4 <= len(tuple) {
+		l := int(int32(binary.BigEndian.Uint32(tuple[p:])))
+		end := p + 4 + max(l, 0)
+		if c == cols[k] {
+			if l < 0 {
+				null = true
+			}
+			dst = append(dst, tuple[p:end]...)
+			k++
+		}
+		p, c = end, c+1
+	}
+	return dst, null
+}
+
+// bytesOf returns the bytes of s without copying them (read only).
+func bytesOf(s string) []byte { return unsafe.Slice(unsafe.StringData(s), len(s)) }
+
+// syncAdd handles the row just encoded as the last of bt: it records its key as
+// seen and, if its hash equals its key's, takes it back out of the batch and
+// reports true (unchanged). A changed row's entry is marked in flight. Caller
+// must hold mu.
+func (b *BatchSession) syncAdd(bt *batch) bool {
+	st, sb := b.sync, &bt.sync
+	last := len(bt.offs) - 1
+	key := bt.keys[last]
+	if key == "" { // a NULL in the key: always sent, never swept
+		sb.rowKeys = append(sb.rowKeys, 0)
+		sb.rowHashes = append(sb.rowHashes, 0)
+		return false
+	}
+	start := int(bt.offs[last])
+	if len(st.numCols) > 0 {
+		// pgx encodes a numeric with trailing zero digits that the server drops
+		// (1234.00 as 1234|0000): hash and send the server's form.
+		st.scratch = canonNumerics(bt.buf[start:], st.numCols, st.scratch[:0])
+		bt.buf = append(bt.buf[:start], st.scratch...)
+		if st.numKey {
+			k, _ := tupleKey(bt.buf[start:], st.keyCols, nil)
+			key = string(k)
+			bt.keys[last] = key
+		}
+	}
+	kh := keyHash(bytesOf(key))
+	sb.seenKeys = append(sb.seenKeys, kh)
+	rh := rowHash(bt.buf[start:])
+	old, held := st.hashes.get(kh)
+	if held && old&^rowSeen == rh {
+		bt.buf, bt.offs, bt.keys = bt.buf[:start], bt.offs[:last], bt.keys[:last]
+		sb.unchanged++
+		return true
+	}
+	if held {
+		st.hashes.markDirty(kh)
+	}
+	sb.rowKeys = append(sb.rowKeys, kh)
+	sb.rowHashes = append(sb.rowHashes, rh)
+	return false
+}
+
+// canonNumerics appends tuple to dst with the numeric values of columns cols in
+// the form the server sends them: no leading or trailing zero digits (base 10,000),
+// zero with weight 0 and a positive sign.
+func canonNumerics(tuple []byte, cols []int, dst []byte) []byte {
+	dst = append(dst, tuple[:2]...)
+	p, k := 2, 0
+	for c := 0; p+4 <= len(tuple); c++ {
+		l := int(int32(binary.BigEndian.Uint32(tuple[p:])))
+		end := p + 4 + max(l, 0)
+		if k < len(cols) && cols[k] == c {
+			k++
+			if l >= 8 {
+				v := tuple[p+4 : end]
+				nd := int(binary.BigEndian.Uint16(v))
+				weight := int16(binary.BigEndian.Uint16(v[2:]))
+				sign, dscale := binary.BigEndian.Uint16(v[4:]), binary.BigEndian.Uint16(v[6:])
+				if sign != 0xC000 && len(v) == 8+2*nd { // not NaN, well formed
+					digits := v[8:]
+					for nd > 0 && digits[0] == 0 && digits[1] == 0 {
+						digits, nd, weight = digits[2:], nd-1, weight-1
+					}
+					for nd > 0 && digits[2*nd-2] == 0 && digits[2*nd-1] == 0 {
+						nd--
+					}
+					if nd == 0 {
+						weight, sign = 0, 0
+					}
+					dst = binary.BigEndian.AppendUint32(dst, uint32(8+2*nd))
+					dst = binary.BigEndian.AppendUint16(dst, uint16(nd))
+					dst = binary.BigEndian.AppendUint16(dst, uint16(weight))
+					dst = binary.BigEndian.AppendUint16(dst, sign)
+					dst = binary.BigEndian.AppendUint16(dst, dscale)
+					dst = append(dst, digits[:2*nd]...)
+					p = end
+					continue
+				}
+			}
+		}
+		dst = append(dst, tuple[p:end]...)
+		p = end
+	}
+	return dst
+}
+
+// syncRefused records the key of a row Add refused (a value its column cannot
+// take) as seen, if the key's values encode: the row is in the source, so the
+// sweep must not delete it. Caller must hold mu.
+func (b *BatchSession) syncRefused(bt *batch, values []any) {
+	var key []byte
+	for _, i := range b.sync.keyCols {
+		sp := len(key)
+		key = append(key, 0, 0, 0, 0)
+		out, err := b.encodeValue(b.oids[i], values[i], key)
+		if err != nil || out == nil {
+			return
+		}
+		key = out
+		binary.BigEndian.PutUint32(key[sp:], uint32(len(key)-sp-4))
+	}
+	bt.sync.seenKeys = append(bt.sync.seenKeys, keyHash(key))
+}
+
+// seenSQL returns the statement that adds bt's seen keys to the seen set, in the
+// transaction of batch seq, after its fence ("" without a sync).
+func (b *BatchSession) seenSQL(bt *batch, seq int64) string {
+	if b.sync == nil {
+		return ""
+	}
+	sb := &bt.sync
+	if sb.seenSQL == "" || sb.seenSeq != seq {
+		var q strings.Builder
+		q.Grow(len(b.sync.seenTbl) + 80 + 16*len(sb.seenKeys))
+		q.WriteString("INSERT INTO " + b.sync.seenTbl + " (job, seq, keys) VALUES (" + quoteLiteral(b.s.cfg.Job) + ", " +
+			strconv.FormatInt(seq, 10) + ", '\\x")
+		var w [8]byte
+		var h [16]byte
+		for _, k := range sb.seenKeys {
+			binary.BigEndian.PutUint64(w[:], k)
+			hex.Encode(h[:], w[:])
+			q.Write(h[:])
+		}
+		q.WriteString("'::bytea);")
+		sb.seenSQL, sb.seenSeq = q.String(), seq
+	}
+	return sb.seenSQL
+}
+
+// syncCommitted updates the row hashes with rows sel of bt, which committed, and
+// returns the batch's counts; rows is what the batch committed (sel and the rows
+// merged into a later row of their key). Called in commit order.
+func (b *BatchSession) syncCommitted(bt *batch, sel []int, rows int64) syncCounts {
+	if b.sync == nil {
+		return syncCounts{}
+	}
+	sb := &bt.sync
+	c := syncCounts{unchanged: sb.unchanged, merged: rows - int64(len(sel))}
+	t := b.sync.hashes
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	for _, i := range sel {
+		if sb.rowKeys[i] == 0 {
+			c.inserted++ // a NULL key never conflicts
+			continue
+		}
+		if t.set(sb.rowKeys[i], sb.rowHashes[i]) {
+			c.updated++
+		} else {
+			c.inserted++
+		}
+	}
+	return c
+}
+
+// recordCommit accounts for a committed batch: the sync's hashes and counts, the
+// checkpoint and the batch's result, the key cache. Called in commit order.
+func (b *BatchSession) recordCommit(seq int64, bt *batch, cursor *string, sel []int, rows int64, rejects []Reject, sent int64, t0 time.Time) {
+	c := b.syncCommitted(bt, sel, rows)
+	b.s.batchCommittedCounts(seq, cursor, rows, rejects, sent, t0, b.cfg.OnCommitFunc, c)
+	b.publishKeys(bt, sel)
+}
+
+// Sweep ends a sync ([BatchConfig.Sync]) whose source was read in full: it commits
+// the buffered rows, then deletes the rows of the table whose key the run did not
+// see (or sets SyncConfig.MarkColumn on them), SyncConfig.SweepRows per
+// transaction, each transaction fenced and counted like a batch. If the rows to
+// delete, with those an earlier interrupted sweep of the run deleted, are more than
+// SyncConfig.MaxDeleteRatio of the table, it deletes nothing and returns an error
+// wrapping ErrTooManyDeletes. A sweep that fails or is killed can be run again (by
+// a rerun of the job, which reads no row past its checkpoint): it deletes the rows
+// still missing, never a row the source holds. Call it once, then Close.
+func (b *BatchSession) Sweep(ctx context.Context) (SweepResult, error) {
+	var res SweepResult
+	st := b.sync
+	if st == nil {
+		return res, errors.New("pgetl: Sweep needs BatchConfig.Sync")
+	}
+	if err := b.Flush(ctx); err != nil {
+		return res, err
+	}
+	job := b.s.cfg.Job
+	// The seen set: every key the run's committed batches held, those of killed
+	// runs before this one included.
+	rows, err := b.s.pool.Query(ctx, "SELECT keys, deleted FROM "+st.seenTbl+" WHERE job = $1", job)
+	if err != nil {
+		return res, fmt.Errorf("pgetl: sweep: read the seen set of job %q: %w", job, err)
+	}
+	t := st.hashes
+	t.mu.Lock()
+	var keys []byte
+	var deleted int64
+	_, err = pgx.ForEachRow(rows, []any{&keys, &deleted}, func() error {
+		for p := 0; p+8 <= len(keys); p += 8 {
+			t.markSeen(binary.BigEndian.Uint64(keys[p:]))
+		}
+		res.DeletedAlready += deleted
+		return nil
+	})
+	t.mu.Unlock()
+	if err != nil {
+		return res, fmt.Errorf("pgetl: sweep: read the seen set of job %q: %w", job, err)
+	}
+
+	// The rows whose key was not seen, as binary COPY tuples of the key columns.
+	keyList := make([]string, len(st.keyCols))
+	for k, i := range st.keyCols {
+		keyList[k] = pgx.Identifier{b.cfg.Columns[i]}.Sanitize()
+	}
+	keySel := strings.Join(keyList, ", ")
+	where := ""
+	if st.markIx >= 0 {
+		where = " WHERE " + pgx.Identifier{st.cfg.MarkColumn}.Sanitize() + " IS NULL"
+	}
+	all := make([]int, len(st.keyCols))
+	for k := range all {
+		all[k] = k
+	}
+	var missing [][]byte // each a chunk of tuples
+	var chunk []byte
+	var nMissing, inChunk int64
+	var kb []byte
+	err = b.copyOut(ctx, "COPY (SELECT "+keySel+" FROM "+b.table+where+") TO STDOUT (FORMAT binary)", func(tuple []byte) error {
+		res.Table++
+		var null bool
+		if kb, null = tupleKey(tuple, all, kb[:0]); null {
+			return nil
+		}
+		if row, held := t.get(keyHash(kb)); held && row&rowSeen != 0 {
+			return nil
+		}
+		nMissing++
+		chunk = append(chunk, tuple...)
+		if inChunk++; inChunk == int64(st.cfg.SweepRows) {
+			missing, chunk, inChunk = append(missing, chunk), nil, 0
+		}
+		return nil
+	})
+	if err != nil {
+		return res, fmt.Errorf("pgetl: sweep: read the keys of %s: %w", b.cfg.Table, err)
+	}
+	if inChunk > 0 {
+		missing = append(missing, chunk)
+	}
+	total := res.Table + res.DeletedAlready
+	if st.cfg.MaxDeleteRatio < 1 && float64(nMissing+res.DeletedAlready) > st.cfg.MaxDeleteRatio*float64(total) {
+		return res, fmt.Errorf("%w: %d of the %d rows of %s are not in the source (%.1f%%; %d deleted before), more than MaxDeleteRatio %g allows; nothing was deleted (if the source really lost them, raise SyncConfig.MaxDeleteRatio)",
+			ErrTooManyDeletes, nMissing+res.DeletedAlready, total, b.cfg.Table,
+			100*float64(nMissing+res.DeletedAlready)/float64(max(total, 1)), res.DeletedAlready, st.cfg.MaxDeleteRatio)
+	}
+
+	stage := "CREATE TEMP TABLE pgetl_sweep ON COMMIT DROP AS SELECT " + keySel + " FROM " + b.table + " WITH NO DATA"
+	var match []string
+	for _, k := range keyList {
+		match = append(match, "t."+k+" = s."+k)
+	}
+	apply := "DELETE FROM " + b.table + " t USING pgetl_sweep s WHERE " + strings.Join(match, " AND ")
+	if st.markIx >= 0 {
+		m := pgx.Identifier{st.cfg.MarkColumn}.Sanitize()
+		apply = "UPDATE " + b.table + " t SET " + m + " = now() FROM pgetl_sweep s WHERE " + strings.Join(match, " AND ") + " AND t." + m + " IS NULL"
+	}
+	for _, data := range missing {
+		var n int64
+		err := b.s.Tx(ctx, func(tx pgx.Tx) error {
+			pgc := tx.Conn().PgConn()
+			if _, err := tx.Exec(ctx, "SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off; "+stage); err != nil {
+				return err
+			}
+			stream := append(append(append([]byte(nil), copyHeader...), data...), copyTrailer...)
+			if _, err := pgc.CopyFrom(ctx, bytes.NewReader(stream), "COPY pgetl_sweep FROM STDIN (FORMAT binary)"); err != nil {
+				return err
+			}
+			tag, err := tx.Exec(ctx, apply)
+			if err != nil {
+				return err
+			}
+			n = tag.RowsAffected()
+			// The fence made the checkpoint's seq this transaction's.
+			_, err = tx.Exec(ctx, "INSERT INTO "+st.seenTbl+" (job, seq, deleted) SELECT job, seq, $2 FROM "+b.s.schema+
+				".checkpoint WHERE job = $1", job, n)
+			return err
+		})
+		if err != nil {
+			return res, fmt.Errorf("pgetl: sweep of %s (%d rows deleted so far): %w", b.cfg.Table, res.Deleted, err)
+		}
+		res.Deleted += n
+		res.Transactions++
+		b.s.mu.Lock()
+		b.s.stat.sync.deleted += n
+		seq, cursor := b.s.cp.Seq, b.s.cp.Cursor
+		b.s.mu.Unlock()
+		if f := b.cfg.OnCommitFunc; f != nil {
+			f(BatchResult{Job: job, Seq: seq, Deleted: n, Cursor: cursor})
+		}
+	}
+	return res, nil
+}
+
+func (c *syncCounts) add(o syncCounts) {
+	c.inserted += o.inserted
+	c.updated += o.updated
+	c.unchanged += o.unchanged
+	c.merged += o.merged
+	c.deleted += o.deleted
+}
+
+// Inserted returns the rows of sync batches ([BatchConfig.Sync]) whose key was new.
+func (st Stat) Inserted() int64 { return st.c.sync.inserted }
+
+// Updated returns the rows of sync batches that changed an existing row.
+func (st Stat) Updated() int64 { return st.c.sync.updated }
+
+// Unchanged returns the rows of sync batches that equalled their key's row and
+// were not sent.
+func (st Stat) Unchanged() int64 { return st.c.sync.unchanged }
+
+// Merged returns the rows of sync batches followed in their batch by a row of the
+// same key (the later row was written).
+func (st Stat) Merged() int64 { return st.c.sync.merged }
+
+// Deleted returns the rows deleted (or marked) by [BatchSession.Sweep].
+func (st Stat) Deleted() int64 { return st.c.sync.deleted }

@@ -1,0 +1,106 @@
+package pgetl
+
+import (
+	"context"
+	"errors"
+	"strconv"
+	"testing"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/pgetl/pgetl/internal/pgtest"
+	"github.com/pgetl/pgetl/internal/workload"
+	"github.com/stretchr/testify/require"
+)
+
+// syncSource describes a sync of the products table: rows 1..n at version v where
+// changedEvery divides i (else version 1), without the rows missingEvery drops.
+type syncSource struct{ n, v, changedEvery, missingEvery int64 }
+
+// run syncs the products table of schema with src through a new session of job
+// (Restart: a new sync run) and returns its stat and sweep result.
+func (src syncSource) run(t *testing.T, pool *pgxpool.Pool, schema, job string, sc SyncConfig, commitRows int) (Stat, SweepResult, error) {
+	t.Helper()
+	ctx := context.Background()
+	s, err := NewSession(ctx, pool, SessionConfig{Job: job, CheckpointSchema: schema, Restart: true})
+	require.NoError(t, err)
+	defer s.Close(ctx)
+	b, err := s.Batch(ctx, BatchConfig{Table: schema + ".products", Columns: workload.Columns, Key: []string{"sku"},
+		OnlyChanged: true, Sync: &sc, CommitRows: commitRows})
+	require.NoError(t, err)
+	for i := int64(1); i <= src.n; i++ {
+		if workload.Missing(i, src.missingEvery) {
+			continue
+		}
+		vals := workload.Row(i, workload.SyncVersion(i, src.v, src.changedEvery)).Values()
+		require.NoError(t, b.Add(ctx, strconv.FormatInt(i, 10), vals...))
+	}
+	res, err := b.Sweep(ctx)
+	require.NoError(t, b.Close(ctx))
+	return s.Stat(), res, err
+}
+
+// requireSynced checks that the products table holds exactly the rows of src.
+func requireSynced(t *testing.T, db *pgtest.DB, src syncSource) {
+	t.Helper()
+	wantN, wantSum := workload.SyncChecksum(src.n, src.v, src.changedEvery, src.missingEvery)
+	n, sum, err := workload.QueryChecksum(context.Background(), db.Pool, db.Ident("products"))
+	require.NoError(t, err)
+	require.Equal(t, wantN, n, "rows")
+	require.Equal(t, wantSum, sum, "checksum")
+}
+
+// loadProducts creates the products table holding rows 1..n at version 1.
+func loadProducts(t *testing.T, db *pgtest.DB, n int64) {
+	t.Helper()
+	db.Exec(t, workload.CreateSQL(db.Ident("products"), true))
+	_, err := db.Pool.CopyFrom(context.Background(), pgx.Identifier{db.Schema, "products"}, workload.Columns, workload.NewSource(1, n, 1))
+	require.NoError(t, err)
+}
+
+// TestSync is the example at a hundredth of its size: a table of rows
+// 1..5,000 at version 1 synced with rows 1..5,050 where every 100th is at version
+// 2 and every 200th is missing: exactly those rows remain, and the counts say 50
+// new, 50 updated, 25 deleted, the rest unchanged.
+func TestSync(t *testing.T) {
+	t.Parallel()
+	db := pgtest.New(t)
+	loadProducts(t, db, 5000)
+	src := syncSource{n: 5050, v: 2, changedEvery: 100, missingEvery: 200}
+	st, res, err := src.run(t, db.Pool, db.Schema, "sync", SyncConfig{}, 1000)
+	require.NoError(t, err)
+	requireSynced(t, db, src)
+	require.Equal(t, int64(50), st.Inserted(), "rows 5001..5050 (none missing: the next is 5199)")
+	require.Equal(t, int64(50), st.Updated())
+	require.Equal(t, int64(25), st.Deleted())
+	require.Equal(t, int64(25), res.Deleted)
+	require.Equal(t, int64(5000-25-50), st.Unchanged())
+	require.Equal(t, int64(0), st.Merged())
+
+	// A second sync with the same source changes nothing.
+	st, res, err = src.run(t, db.Pool, db.Schema, "sync", SyncConfig{}, 1000)
+	require.NoError(t, err)
+	requireSynced(t, db, src)
+	require.Equal(t, int64(0), st.Inserted()+st.Updated()+st.Deleted()+res.Deleted)
+	require.Equal(t, int64(5050-25), st.Unchanged())
+}
+
+// TestSyncGuard: a source that lost half its rows deletes nothing and says why.
+func TestSyncGuard(t *testing.T) {
+	t.Parallel()
+	db := pgtest.New(t)
+	loadProducts(t, db, 4000)
+	src := syncSource{n: 2000, v: 1}
+	_, res, err := src.run(t, db.Pool, db.Schema, "guard", SyncConfig{}, 0)
+	require.ErrorIs(t, err, ErrTooManyDeletes)
+	require.Contains(t, err.Error(), "2000 of the 4000 rows")
+	require.Equal(t, int64(0), res.Deleted)
+	require.Equal(t, int64(4000), db.Int(t, "SELECT count(*) FROM "+db.Ident("products")))
+	// Told so, the sweep deletes them.
+	_, res, err = src.run(t, db.Pool, db.Schema, "guard", SyncConfig{MaxDeleteRatio: 0.5}, 0)
+	require.NoError(t, err)
+	require.Equal(t, int64(2000), res.Deleted)
+	requireSynced(t, db, src)
+}
+
+var _ = errors.New
