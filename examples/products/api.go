@@ -25,6 +25,7 @@ type apiItem struct {
 	Price     string `json:"price"`
 	Inventory int64  `json:"inventory"`
 	UpdatedAt string `json:"updated_at"`
+	Row       int64  `json:"row,omitempty"` // the item's row number (set when rows are missing)
 }
 
 // apiPage is one page of GET /products?page=P&size=S (pages from 1).
@@ -32,7 +33,8 @@ type apiPage struct {
 	Page     int64     `json:"page"`
 	Size     int64     `json:"size"`
 	Total    int64     `json:"total"`
-	NextPage int64     `json:"next_page"` // 0 on the last page
+	NextPage int64     `json:"next_page"`         // 0 on the last page
+	Missing  int64     `json:"missing,omitempty"` // rows of the page absent from the catalogue
 	Items    []apiItem `json:"items"`
 }
 
@@ -42,6 +44,7 @@ type apiPage struct {
 // five times slower, and optionally one page is malformed (for testing).
 type apiServer struct {
 	rows, version int64
+	gen           generator // rows changed and missing
 	delay         time.Duration
 	faultRate     float64
 	malformedPage int64
@@ -55,12 +58,12 @@ type apiServer struct {
 }
 
 // startAPI starts the server on 127.0.0.1 (an ephemeral port, loopback only).
-func startAPI(rows, version int64, delay time.Duration, faultRate float64, malformedPage int64) (*apiServer, error) {
+func startAPI(rows, version int64, gen generator, delay time.Duration, faultRate float64, malformedPage int64) (*apiServer, error) {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		return nil, fmt.Errorf("api: listen: %w", err)
 	}
-	a := &apiServer{rows: rows, version: version, delay: delay, faultRate: faultRate,
+	a := &apiServer{rows: rows, version: version, gen: gen, delay: delay, faultRate: faultRate,
 		malformedPage: malformedPage, ln: ln, failed: map[int64]bool{}}
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /products", a.products)
@@ -141,9 +144,17 @@ func (a *apiServer) products(w http.ResponseWriter, r *http.Request) {
 	}
 	out.Items = make([]apiItem, 0, max(to-from+1, 0))
 	for i := from; i <= to; i++ {
-		p := workload.Row(i, a.version)
-		out.Items = append(out.Items, apiItem{SKU: p.SKU, Name: p.Name, Price: p.PriceString(),
-			Inventory: int64(p.Inventory), UpdatedAt: p.UpdatedAt.Format(time.RFC3339)})
+		if workload.Missing(i, a.gen.missingEvery) {
+			out.Missing++
+			continue
+		}
+		p := workload.Row(i, workload.SyncVersion(i, a.version, a.gen.changedEvery))
+		it := apiItem{SKU: p.SKU, Name: p.Name, Price: p.PriceString(),
+			Inventory: int64(p.Inventory), UpdatedAt: p.UpdatedAt.Format(time.RFC3339)}
+		if a.gen.missingEvery > 0 {
+			it.Row = i
+		}
+		out.Items = append(out.Items, it)
 	}
 	w.Header().Set("Content-Type", "application/json")
 	_ = json.NewEncoder(w).Encode(out)
@@ -223,11 +234,11 @@ func (c *apiClient) get(ctx context.Context, url string, page int64) (*apiPage, 
 	switch {
 	case p.Page != page:
 		return nil, fmt.Errorf("%w: it says page %d", errMalformed, p.Page)
-	case int64(len(p.Items)) > c.size:
-		return nil, fmt.Errorf("%w: %d items for page size %d", errMalformed, len(p.Items), c.size)
+	case int64(len(p.Items))+p.Missing > c.size || p.Missing < 0:
+		return nil, fmt.Errorf("%w: %d items and %d missing for page size %d", errMalformed, len(p.Items), p.Missing, c.size)
 	case p.NextPage != 0 && p.NextPage != page+1:
 		return nil, fmt.Errorf("%w: next_page %d after page %d", errMalformed, p.NextPage, page)
-	case p.NextPage != 0 && int64(len(p.Items)) < c.size:
+	case p.NextPage != 0 && int64(len(p.Items))+p.Missing < c.size:
 		return nil, fmt.Errorf("%w: short page (%d items) with a next page", errMalformed, len(p.Items))
 	}
 	return &p, nil

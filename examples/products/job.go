@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
 	"os"
 	"strconv"
 	"strings"
@@ -141,8 +142,15 @@ func (j *job) run(readCtx, jobCtx context.Context, signaled func() os.Signal) in
 		CommitInterval: j.cfg.commitInterval,
 		OnCommitFunc:   j.onCommit,
 	}
-	if j.cfg.mode == "upsert" {
+	if j.cfg.mode == "upsert" || j.cfg.mode == "sync" {
 		bcfg.Key, bcfg.OnlyChanged = []string{"sku"}, true
+	}
+	if j.cfg.mode == "sync" {
+		ratio := j.cfg.maxDeleteRatio
+		if ratio == 0 {
+			ratio = math.SmallestNonzeroFloat64 // 0 means no deletes; the library's 0 is its default
+		}
+		bcfg.Sync = &pgetl.SyncConfig{MaxDeleteRatio: ratio}
 	}
 	if j.cfg.maxRejects > 0 {
 		bcfg.Rejects, bcfg.MaxRejects = pgetl.RejectToTable, j.cfg.maxRejects
@@ -156,12 +164,14 @@ func (j *job) run(readCtx, jobCtx context.Context, signaled func() os.Signal) in
 		Every: j.cfg.progressEvery, Remaining: total - min(after, total), Resuming: after > 0,
 		Read: j.read.Load, Session: sess, OtherRetries: j.apiRetries.Load})
 	var loopErr error
+	eof := false
 	for {
 		if readCtx.Err() != nil {
 			break
 		}
 		r, err := src.Next(readCtx)
 		if errors.Is(err, io.EOF) {
+			eof = true
 			break
 		}
 		if err != nil {
@@ -177,9 +187,21 @@ func (j *job) run(readCtx, jobCtx context.Context, signaled func() os.Signal) in
 			break
 		}
 	}
+	// A sync whose source was read in full deletes the products missing from it.
+	var sweepErr error
+	if bcfg.Sync != nil && eof && loopErr == nil && signaled() == nil {
+		t0 := time.Now()
+		var res pgetl.SweepResult
+		res, sweepErr = b.Sweep(jobCtx)
+		j.log.Info("sweep", "deleted", res.Deleted, "deleted_before", res.DeletedAlready, "table_rows", res.Table,
+			"transactions", res.Transactions, "took", time.Since(t0).Round(time.Millisecond), "err", sweepErr)
+	}
 	// Commit what is buffered: also after a signal or a refused row, whose
 	// predecessors are committed.
 	closeErr := b.Close(jobCtx)
+	if sweepErr != nil {
+		closeErr = sweepErr
+	}
 	prog.Stop()
 	out := outcome{elapsed: time.Since(start), stat: sess.Stat(), resumedAt: after}
 	out.cp, _ = sess.Checkpoint(context.WithoutCancel(jobCtx))
@@ -248,7 +270,7 @@ func (j *job) claim(ctx context.Context) (*pgetl.Session, error) {
 func (j *job) openSource(after int64) (source, func(), error) {
 	switch j.cfg.source {
 	case "synthetic":
-		return &synthetic{i: min(after, j.cfg.rows), n: j.cfg.rows, v: j.cfg.version}, func() {}, nil
+		return &synthetic{i: min(after, j.cfg.rows), n: j.cfg.rows, v: j.cfg.version, gen: j.gen()}, func() {}, nil
 	case "csv":
 		s, err := openCSV(j.cfg.csvPath, after)
 		if err != nil {
@@ -256,13 +278,13 @@ func (j *job) openSource(after int64) (source, func(), error) {
 		}
 		return s, func() { s.Close() }, nil
 	}
-	srv, err := startAPI(j.cfg.rows, j.cfg.version, j.cfg.pageDelay, j.cfg.apiFaults, j.cfg.apiMalformedPage)
+	srv, err := startAPI(j.cfg.rows, j.cfg.version, j.gen(), j.cfg.pageDelay, j.cfg.apiFaults, j.cfg.apiMalformedPage)
 	if err != nil {
 		return nil, nil, err
 	}
 	j.log.Info("product API listening", "url", srv.URL()+"/products?page=1&size="+strconv.FormatInt(j.cfg.pageSize, 10))
 	c := newAPIClient(srv.URL(), j.cfg.pageSize, func() { j.apiRetries.Add(1) })
-	s := openAPI(c, j.cfg.rows, after)
+	s := openAPI(c, j.cfg.rows, after, j.gen())
 	return s, func() {
 		s.Close()
 		srv.Close()
@@ -285,6 +307,9 @@ func (j *job) track(r row) {
 // takes the batch's rows off the pending queue (those up to the commit's cursor),
 // reads the ids of its new SKUs (one query) and caches them: they are committed.
 func (j *job) onCommit(res pgetl.BatchResult) {
+	if j.cfg.mode == "sync" {
+		return // the session's Stat counts inserted, updated, unchanged and deleted rows
+	}
 	if j.cache == nil {
 		j.mu.Lock()
 		j.inserted += res.Rows
@@ -381,8 +406,11 @@ func (j *job) summary(o outcome) {
 		source = fmt.Sprintf("%s, %d rows at version %d", source, j.cfg.rows, j.cfg.version)
 	}
 	mode := "upsert on sku"
-	if j.cfg.mode == "insert" {
+	switch j.cfg.mode {
+	case "insert":
 		mode = "insert"
+	case "sync":
+		mode = "sync on sku"
 	}
 	j.mu.Lock()
 	ins, upd := j.inserted, j.updated
@@ -403,6 +431,10 @@ func (j *job) summary(o outcome) {
 		gone := o.lost.Committed.Rows - o.lost.Database.Rows
 		loaded = max(0, loaded-gone)
 		fmt.Fprintf(w, "  loaded      %d (%d more were committed but lost by the database; inserted/updated unknown after the loss)\n", loaded, gone)
+	} else if j.cfg.mode == "sync" {
+		fmt.Fprintf(w, "  loaded      %d (inserted %d, updated %d)\n", loaded, st.Inserted(), st.Updated())
+		fmt.Fprintf(w, "  sync        %d new, %d updated, %d deleted, %d unchanged (this run)\n",
+			st.Inserted(), st.Updated(), st.Deleted(), st.Unchanged())
 	} else {
 		fmt.Fprintf(w, "  loaded      %d (inserted %d, updated %d)\n", loaded, ins, upd)
 	}
@@ -413,6 +445,9 @@ func (j *job) summary(o outcome) {
 	rate := 0.0
 	if secs > 0 {
 		rate = float64(loaded) / secs
+		if j.cfg.mode == "sync" {
+			rate = float64(j.read.Load()) / secs // rows compared, most of them not written
+		}
 	}
 	fmt.Fprintf(w, "  rate        %.0f rows/s\n", rate)
 	where := "none"
@@ -435,4 +470,9 @@ func (j *job) summary(o outcome) {
 // hint prints how to resume a run that did not complete.
 func (j *job) hint() {
 	fmt.Fprintf(j.stderr, "products: committed rows are kept; resume with: %s\n", jobkit.ResumeCommand("products", j.cfg.dsn, j.cfg.args))
+}
+
+// gen returns the generator flags of the api and synthetic sources.
+func (j *job) gen() generator {
+	return generator{changedEvery: j.cfg.changedEvery, missingEvery: j.cfg.missingEvery}
 }

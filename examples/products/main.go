@@ -23,7 +23,13 @@
 // checkpoint in one short transaction; no connection and no transaction is held
 // while the source is read. -mode upsert (the default) merges on sku (INSERT … ON
 // CONFLICT (sku) DO UPDATE, only rows that changed are rewritten); -mode insert is a
-// plain COPY for an empty table.
+// plain COPY for an empty table. -mode sync is a full sync of rows 1..-rows
+// (pgetl.SyncConfig): the hash of every product's row is preloaded, rows equal to
+// theirs are not sent, changed and new ones are merged on sku, and once the whole
+// source is read the products missing from it are deleted (at most
+// -max-delete-ratio of the table); a sync killed during the load or the deletes and
+// rerun deletes exactly the missing products. -changed-every and -missing-every make
+// the generated catalogue of a later version differ from the first in a few rows.
 //
 // The SKU cache ([pgetl.Cache], sku → id) is preloaded from the table by keyset pages
 // at start. A row whose SKU is cached is an update, any other an insert. The ids of
@@ -99,6 +105,9 @@ type config struct {
 	rows             int64
 	version          int64
 	mode             string
+	changedEvery     int64   // -changed-every: rows at -version (the others at 1)
+	missingEvery     int64   // -missing-every: rows absent from the source
+	maxDeleteRatio   float64 // -max-delete-ratio: sync's delete guard
 	commitRows       int
 	inFlight         int
 	commitInterval   time.Duration
@@ -129,7 +138,10 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 	fs.StringVar(&c.source, "source", "api", "rows to load: api, synthetic or csv:PATH")
 	fs.Int64Var(&c.rows, "rows", 200_000, "rows of the api and synthetic sources")
 	fs.Int64Var(&c.version, "version", 1, "generator version of the api and synthetic rows (a run with V+1 updates every row)")
-	fs.StringVar(&c.mode, "mode", "upsert", "upsert (keyed on sku, with the SKU cache) or insert (plain COPY, for an empty table)")
+	fs.StringVar(&c.mode, "mode", "upsert", "upsert (keyed on sku, with the SKU cache), insert (plain COPY, for an empty table) or sync (upsert writing only changed rows, then deleting the products missing from the source)")
+	fs.Int64Var(&c.changedEvery, "changed-every", 0, "api, synthetic: row i is at -version if C == 0 or i%C == 0, else at version 1")
+	fs.Int64Var(&c.missingEvery, "missing-every", 0, "api, synthetic: rows with i%M == M-1 are absent from the source (0: none)")
+	fs.Float64Var(&c.maxDeleteRatio, "max-delete-ratio", pgetl.MaxDeleteRatioDefault, "sync: refuse to delete more than this share of the table's rows (1: no limit)")
 	fs.IntVar(&c.commitRows, "commit-rows", 0, fmt.Sprintf("rows per batch (0: pgetl's default, %d, reached after a slow start from 500)", pgetl.CommitRowsDefault))
 	fs.IntVar(&c.inFlight, "in-flight", 0, fmt.Sprintf("batches committing at once, each on its own connection (0: pgetl's default, %d)", pgetl.InFlightDefault))
 	fs.DurationVar(&c.commitInterval, "commit-interval", 0, "commit buffered rows at least this often (0: pgetl's default, 5s)")
@@ -170,8 +182,14 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 		return c, fmt.Errorf("-source %q: want api, synthetic or csv:PATH", c.source)
 	}
 	switch {
-	case c.mode != "upsert" && c.mode != "insert":
-		return c, fmt.Errorf("-mode %q: want upsert or insert", c.mode)
+	case c.mode != "upsert" && c.mode != "insert" && c.mode != "sync":
+		return c, fmt.Errorf("-mode %q: want upsert, insert or sync", c.mode)
+	case c.changedEvery < 0:
+		return c, fmt.Errorf("-changed-every %d: must not be negative", c.changedEvery)
+	case c.missingEvery < 0:
+		return c, fmt.Errorf("-missing-every %d: must not be negative", c.missingEvery)
+	case c.maxDeleteRatio < 0 || c.maxDeleteRatio > 1:
+		return c, fmt.Errorf("-max-delete-ratio %g: want 0 to 1", c.maxDeleteRatio)
 	case c.rows < 0:
 		return c, fmt.Errorf("-rows %d: must not be negative", c.rows)
 	case c.version < 0:

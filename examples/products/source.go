@@ -111,21 +111,44 @@ func parseFields(f []string, raw string) (sku string, values []any) {
 	return sku, values
 }
 
+// generator says which generated rows changed and which are missing (-changed-every,
+// -missing-every): row i is at the run's version if changedEvery is 0 or divides
+// i, else at version 1, and absent if i%missingEvery == missingEvery-1.
+type generator struct{ changedEvery, missingEvery int64 }
+
+// total returns the rows 1..n holds and the last of them (0 if none).
+func (g generator) total(n int64) (rows, last int64) {
+	rows = n
+	switch m := g.missingEvery; {
+	case m == 1:
+		rows = 0
+	case m > 1:
+		rows = n - (n+1)/m
+	}
+	for last = n; last > 0 && workload.Missing(last, g.missingEvery); last-- {
+	}
+	return rows, last
+}
+
 // synthetic is the workload generator in memory: rows after..n at version v.
 type synthetic struct {
 	i, n, v int64
+	gen     generator
 }
 
 func (s *synthetic) Next(context.Context) (row, error) {
-	if s.i >= s.n {
-		return row{}, io.EOF
+	for s.i < s.n {
+		s.i++
+		if workload.Missing(s.i, s.gen.missingEvery) {
+			continue
+		}
+		p := workload.Row(s.i, workload.SyncVersion(s.i, s.v, s.gen.changedEvery))
+		return row{pos: s.i, sku: p.SKU, values: p.Values()}, nil
 	}
-	s.i++
-	p := workload.Row(s.i, s.v)
-	return row{pos: s.i, sku: p.SKU, values: p.Values()}, nil
+	return row{}, io.EOF
 }
 
-func (s *synthetic) Total() (int64, int64)  { return s.n, s.n }
+func (s *synthetic) Total() (int64, int64)  { return s.gen.total(s.n) }
 func (s *synthetic) Where(pos int64) string { return "row " + strconv.FormatInt(pos, 10) }
 func (s *synthetic) Close() error           { return nil }
 
@@ -231,6 +254,7 @@ func (s *csvSource) Close() error { return s.f.Close() }
 // so the API's latency overlaps the loading; it is stopped by Close.
 type apiSource struct {
 	n, size int64
+	gen     generator
 	client  *apiClient
 	pages   chan pageResult
 	cancel  context.CancelFunc
@@ -248,9 +272,9 @@ type pageResult struct {
 	err error
 }
 
-func openAPI(c *apiClient, n, after int64) *apiSource {
+func openAPI(c *apiClient, n, after int64, gen generator) *apiSource {
 	ctx, cancel := context.WithCancel(context.Background())
-	s := &apiSource{n: n, size: c.size, client: c, pages: make(chan pageResult, 4), cancel: cancel, after: after}
+	s := &apiSource{n: n, size: c.size, gen: gen, client: c, pages: make(chan pageResult, 4), cancel: cancel, after: after}
 	start := after/c.size + 1 // the page holding row after+1
 	s.wg.Add(1)
 	go func() {
@@ -276,6 +300,9 @@ func (s *apiSource) Next(ctx context.Context) (row, error) {
 		if s.cur != nil && s.k < len(s.cur.Items) {
 			it := s.cur.Items[s.k]
 			i := s.first + int64(s.k)
+			if it.Row != 0 {
+				i = it.Row // rows of the page are missing
+			}
 			s.k++
 			if i <= s.after {
 				continue
@@ -306,7 +333,7 @@ func (s *apiSource) Next(ctx context.Context) (row, error) {
 	}
 }
 
-func (s *apiSource) Total() (int64, int64) { return s.n, s.n }
+func (s *apiSource) Total() (int64, int64) { return s.gen.total(s.n) }
 func (s *apiSource) Where(pos int64) string {
 	return fmt.Sprintf("row %d (api page %d)", pos, (pos-1)/s.size+1)
 }
