@@ -150,7 +150,7 @@ func (j *job) run(readCtx, jobCtx context.Context, signaled func() os.Signal) in
 		if ratio == 0 {
 			ratio = math.SmallestNonzeroFloat64 // 0 means no deletes; the library's 0 is its default
 		}
-		bcfg.Sync = &pgetl.SyncConfig{MaxDeleteRatio: ratio}
+		bcfg.Sync = &pgetl.SyncConfig{MaxDeleteRatio: ratio, SweepRows: j.cfg.sweepRows}
 	}
 	if j.cfg.maxRejects > 0 {
 		bcfg.Rejects, bcfg.MaxRejects = pgetl.RejectToTable, j.cfg.maxRejects
@@ -191,6 +191,7 @@ func (j *job) run(readCtx, jobCtx context.Context, signaled func() os.Signal) in
 	var sweepErr error
 	if bcfg.Sync != nil && eof && loopErr == nil && signaled() == nil {
 		t0 := time.Now()
+		j.log.Info("sweeping: deleting the products missing from the source")
 		var res pgetl.SweepResult
 		res, sweepErr = b.Sweep(jobCtx)
 		j.log.Info("sweep", "deleted", res.Deleted, "deleted_before", res.DeletedAlready, "table_rows", res.Table,

@@ -108,6 +108,7 @@ type config struct {
 	changedEvery     int64   // -changed-every: rows at -version (the others at 1)
 	missingEvery     int64   // -missing-every: rows absent from the source
 	maxDeleteRatio   float64 // -max-delete-ratio: sync's delete guard
+	sweepRows        int     // -sweep-rows: rows per delete transaction of a sync
 	commitRows       int
 	inFlight         int
 	commitInterval   time.Duration
@@ -142,6 +143,7 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 	fs.Int64Var(&c.changedEvery, "changed-every", 0, "api, synthetic: row i is at -version if C == 0 or i%C == 0, else at version 1")
 	fs.Int64Var(&c.missingEvery, "missing-every", 0, "api, synthetic: rows with i%M == M-1 are absent from the source (0: none)")
 	fs.Float64Var(&c.maxDeleteRatio, "max-delete-ratio", pgetl.MaxDeleteRatioDefault, "sync: refuse to delete more than this share of the table's rows (1: no limit)")
+	fs.IntVar(&c.sweepRows, "sweep-rows", 0, fmt.Sprintf("sync: rows deleted per transaction (0: pgetl's default, %d)", pgetl.SweepRowsDefault))
 	fs.IntVar(&c.commitRows, "commit-rows", 0, fmt.Sprintf("rows per batch (0: pgetl's default, %d, reached after a slow start from 500)", pgetl.CommitRowsDefault))
 	fs.IntVar(&c.inFlight, "in-flight", 0, fmt.Sprintf("batches committing at once, each on its own connection (0: pgetl's default, %d)", pgetl.InFlightDefault))
 	fs.DurationVar(&c.commitInterval, "commit-interval", 0, "commit buffered rows at least this often (0: pgetl's default, 5s)")
@@ -188,6 +190,8 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 		return c, fmt.Errorf("-changed-every %d: must not be negative", c.changedEvery)
 	case c.missingEvery < 0:
 		return c, fmt.Errorf("-missing-every %d: must not be negative", c.missingEvery)
+	case c.sweepRows < 0:
+		return c, fmt.Errorf("-sweep-rows %d: must not be negative", c.sweepRows)
 	case c.maxDeleteRatio < 0 || c.maxDeleteRatio > 1:
 		return c, fmt.Errorf("-max-delete-ratio %g: want 0 to 1", c.maxDeleteRatio)
 	case c.rows < 0:
