@@ -179,9 +179,10 @@ func (b *BatchSession) attempt(ctx context.Context, seq int64, n int, bt *batch,
 		// its rows could hit a unique key.
 		q.WriteString(s.advanceSQL(seq, cursor, rows, int64(len(rejects))))
 	}
-	q.WriteString(b.sql.stageStmt)
-	if !probe {
-		q.WriteString(b.seenSQL(bt, seq)) // a sync's seen keys, after the fence
+	// A sync batch whose rows are all unchanged sends none: no staging, no merge.
+	noRows := b.sync != nil && len(sel) == 0
+	if !noRows {
+		q.WriteString(b.sql.stageStmt)
 	}
 	// With a key cache, sel holds the known keys first (staged, then one UPDATE …
 	// FROM), then the new ones (COPYed straight into the table).
@@ -192,7 +193,12 @@ func (b *BatchSession) attempt(ctx context.Context, seq int64, n int, bt *batch,
 			known++
 		}
 	}
-	copies, starts, nbytes := b.copyData(bt, sel[:known], 0)
+	var copies []net.Buffers
+	var starts []int
+	var nbytes int64
+	if !noRows {
+		copies, starts, nbytes = b.copyData(bt, sel[:known], 0)
+	}
 	for range copies {
 		q.WriteString(b.sql.copyStmt)
 	}
@@ -205,8 +211,15 @@ func (b *BatchSession) attempt(ctx context.Context, seq int64, n int, bt *batch,
 	}
 	if cached {
 		q.WriteString(b.sql.update + strconv.Itoa(known) + ");")
-	} else {
+	} else if !noRows {
 		q.WriteString(b.sql.merge)
+	}
+	if !probe && b.sync != nil {
+		// A sync's seen keys, after the fence, as the message's last COPY.
+		stmt, data := b.seenCopy(bt, seq)
+		q.WriteString(stmt)
+		copies = append(copies, data)
+		nbytes += int64(len(data[0]))
 	}
 	if probe {
 		q.WriteString("ROLLBACK")
@@ -216,7 +229,7 @@ func (b *BatchSession) attempt(ctx context.Context, seq int64, n int, bt *batch,
 	}
 	tag, done, err := sendBatch(ctx, pgc, q.String(), copies)
 	if pg := pgErrorOf(err); pg != nil && isDataError(pg.Code) {
-		if line := copyLine(pg); line > 0 && done < len(copies) {
+		if line := copyLine(pg); line > 0 && done < len(starts) {
 			if pos := starts[done] + line - 1; pos < len(sel) {
 				err = &rowError{pos: pos, err: err}
 			}

@@ -7,6 +7,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"net"
 	"strconv"
 	"strings"
 	"time"
@@ -94,6 +95,12 @@ type syncState struct {
 	scratch []byte // syncAdd's buffer; guarded by BatchSession.mu
 	markIx  int    // position of MarkColumn in Columns, -1 without
 	seenTbl string // quoted sync_seen table
+	// firstSeq is the first batch this batch session committed (0: none yet): the
+	// seen keys of it and of later ones are marked in hashes as they commit, so
+	// Sweep reads back only those of earlier, interrupted sessions of the run.
+	// Written in commit order by the committing goroutine, read by Sweep after a
+	// Flush.
+	firstSeq int64
 }
 
 // syncBatch is what a batch of a sync holds besides its rows.
@@ -104,11 +111,13 @@ type syncBatch struct {
 	unchanged int64    // rows added that matched their hash (not buffered)
 	seenSQL   string   // the INSERT of seenKeys, built once for seenSeq
 	seenSeq   int64
+	seenData  []byte // the binary COPY of seenKeys, built once for seenDataSeq
+	seenDSeq  int64
 }
 
 func (sb *syncBatch) reset() {
 	sb.rowKeys, sb.rowHashes, sb.seenKeys = sb.rowKeys[:0], sb.rowHashes[:0], sb.seenKeys[:0]
-	sb.unchanged, sb.seenSQL, sb.seenSeq = 0, "", 0
+	sb.unchanged, sb.seenSQL, sb.seenSeq, sb.seenData, sb.seenDSeq = 0, "", 0, sb.seenData[:0], 0
 }
 
 // syncDDL creates the seen set's table. Each batch of a sync adds one row (the
@@ -462,10 +471,32 @@ func (b *BatchSession) seenSQL(bt *batch, seq int64) string {
 	return sb.seenSQL
 }
 
+// seenCopy returns the COPY statement and data that add bt's seen keys to the seen
+// set in the transaction of batch seq (the batch path's form of seenSQL: binary,
+// no parsing of a literal).
+func (b *BatchSession) seenCopy(bt *batch, seq int64) (string, net.Buffers) {
+	sb := &bt.sync
+	if len(sb.seenData) == 0 || sb.seenDSeq != seq {
+		job := b.s.cfg.Job
+		d := append(sb.seenData[:0], copyHeader...)
+		d = binary.BigEndian.AppendUint16(d, 3)
+		d = binary.BigEndian.AppendUint32(d, uint32(len(job)))
+		d = append(d, job...)
+		d = binary.BigEndian.AppendUint32(d, 8)
+		d = binary.BigEndian.AppendUint64(d, uint64(seq))
+		d = binary.BigEndian.AppendUint32(d, uint32(8*len(sb.seenKeys)))
+		for _, k := range sb.seenKeys {
+			d = binary.BigEndian.AppendUint64(d, k)
+		}
+		sb.seenData, sb.seenDSeq = append(d, copyTrailer...), seq
+	}
+	return "COPY " + b.sync.seenTbl + " (job, seq, keys) FROM STDIN (FORMAT binary);", net.Buffers{sb.seenData}
+}
+
 // syncCommitted updates the row hashes with rows sel of bt, which committed, and
 // returns the batch's counts; rows is what the batch committed (sel and the rows
 // merged into a later row of their key). Called in commit order.
-func (b *BatchSession) syncCommitted(bt *batch, sel []int, rows int64) syncCounts {
+func (b *BatchSession) syncCommitted(seq int64, bt *batch, sel []int, rows int64) syncCounts {
 	if b.sync == nil {
 		return syncCounts{}
 	}
@@ -474,6 +505,9 @@ func (b *BatchSession) syncCommitted(bt *batch, sel []int, rows int64) syncCount
 	t := b.sync.hashes
 	t.mu.Lock()
 	defer t.mu.Unlock()
+	if b.sync.firstSeq == 0 {
+		b.sync.firstSeq = seq
+	}
 	for _, i := range sel {
 		if sb.rowKeys[i] == 0 {
 			c.inserted++ // a NULL key never conflicts
@@ -485,13 +519,17 @@ func (b *BatchSession) syncCommitted(bt *batch, sel []int, rows int64) syncCount
 			c.inserted++
 		}
 	}
+	// After the inserts above: their entries exist now.
+	for _, k := range sb.seenKeys {
+		t.markSeen(k)
+	}
 	return c
 }
 
 // recordCommit accounts for a committed batch: the sync's hashes and counts, the
 // checkpoint and the batch's result, the key cache. Called in commit order.
 func (b *BatchSession) recordCommit(seq int64, bt *batch, cursor *string, sel []int, rows int64, rejects []Reject, sent int64, t0 time.Time) {
-	c := b.syncCommitted(bt, sel, rows)
+	c := b.syncCommitted(seq, bt, sel, rows)
 	b.s.batchCommittedCounts(seq, cursor, rows, rejects, sent, t0, b.cfg.OnCommitFunc, c)
 	b.publishKeys(bt, sel)
 }
@@ -515,13 +553,18 @@ func (b *BatchSession) Sweep(ctx context.Context) (SweepResult, error) {
 		return res, err
 	}
 	job := b.s.cfg.Job
-	// The seen set: every key the run's committed batches held, those of killed
-	// runs before this one included.
-	rows, err := b.s.pool.Query(ctx, "SELECT keys, deleted FROM "+st.seenTbl+" WHERE job = $1", job)
+	// The seen set: every key the run's committed batches held. Those of this
+	// batch session are marked already; read those of killed sessions before it,
+	// and the counts of earlier sweeps.
+	t := st.hashes
+	t.mu.RLock()
+	first := st.firstSeq
+	t.mu.RUnlock()
+	rows, err := b.s.pool.Query(ctx, "SELECT keys, deleted FROM "+st.seenTbl+
+		" WHERE job = $1 AND (keys IS NULL OR seq < $2 OR $2 = 0)", job, first)
 	if err != nil {
 		return res, fmt.Errorf("pgetl: sweep: read the seen set of job %q: %w", job, err)
 	}
-	t := st.hashes
 	t.mu.Lock()
 	var keys []byte
 	var deleted int64
