@@ -1,0 +1,45 @@
+package pgetl
+
+import (
+	"bytes"
+	"context"
+	"math"
+	"math/big"
+	"math/rand/v2"
+	"testing"
+
+	"github.com/jackc/pgx/v5/pgtype"
+	"github.com/pgetl/pgetl/internal/pgtest"
+	"github.com/stretchr/testify/require"
+)
+
+// TestAppendNumeric: for numerics of many mantissas and exponents, appendNumeric
+// gives exactly the bytes the server sends for the value pgx's codec encodes
+// (numeric_send of it): the same value, in the server's canonical form.
+func TestAppendNumeric(t *testing.T) {
+	t.Parallel()
+	db := pgtest.New(t)
+	ctx := context.Background()
+	rng := rand.New(rand.NewPCG(16, 1))
+	mants := []int64{0, 1, -1, 5, 10, 100, 1000, 9999, 10000, 10001, 123400, 123450, -123400, 100000000,
+		math.MaxInt64, math.MinInt64, math.MinInt64 + 1, 1_0000_0000_0000}
+	for range 300 {
+		mants = append(mants, rng.Int64N(1<<62)-1<<61, rng.Int64N(100000))
+	}
+	exps := []int32{-64, -20, -19, -9, -8, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 8, 20, 64}
+	for _, m := range mants {
+		for _, e := range exps {
+			n := pgtype.Numeric{Int: big.NewInt(m), Exp: e, Valid: true}
+			got, ok := appendNumeric([]byte("x"), n)
+			require.True(t, ok)
+			var want []byte
+			require.NoError(t, db.Pool.QueryRow(ctx, "SELECT numeric_send($1::numeric)", n).Scan(&want))
+			require.True(t, bytes.Equal(want, got[1:]), "%de%d: got %x, the server sends %x", m, e, got[1:], want)
+		}
+	}
+	for _, n := range []pgtype.Numeric{{}, {NaN: true, Valid: true}, {InfinityModifier: pgtype.Infinity, Valid: true},
+		{Int: new(big.Int).Lsh(big.NewInt(1), 70), Valid: true}, {Int: big.NewInt(1), Exp: 65, Valid: true}} {
+		_, ok := appendNumeric(nil, n)
+		require.False(t, ok, "%+v is left to pgx's codec", n)
+	}
+}
