@@ -96,8 +96,9 @@ type syncState struct {
 	markIx  int    // position of MarkColumn in Columns, -1 without
 	seenTbl string // quoted sync_seen table
 	// firstSeq is the first batch this batch session committed (0: none yet): the
-	// seen keys of it and of later ones are marked in hashes as they commit, so
-	// Sweep reads back only those of earlier, interrupted sessions of the run.
+	// keys of its rows are marked seen in hashes (at Add, or for new keys when
+	// their batch commits), so Sweep reads back only the seen keys of earlier,
+	// interrupted sessions of the run.
 	// Written in commit order by the committing goroutine, read by Sweep after a
 	// Flush.
 	firstSeq int64
@@ -370,14 +371,12 @@ func (b *BatchSession) syncAdd(bt *batch) bool {
 	kh := keyHash(bytesOf(key))
 	sb.seenKeys = append(sb.seenKeys, kh)
 	rh := rowHash(bt.buf[start:])
-	old, held := st.hashes.get(kh)
-	if held && old&^rowSeen == rh {
+	// Seen now: should the batch not commit, the batch session fails, and Sweep
+	// (which flushes first) never runs on these marks.
+	if unchanged, _ := st.hashes.check(kh, rh); unchanged {
 		bt.buf, bt.offs, bt.keys = bt.buf[:start], bt.offs[:last], bt.keys[:last]
 		sb.unchanged++
 		return true
-	}
-	if held {
-		st.hashes.markDirty(kh)
 	}
 	sb.rowKeys = append(sb.rowKeys, kh)
 	sb.rowHashes = append(sb.rowHashes, rh)
@@ -443,7 +442,12 @@ func (b *BatchSession) syncRefused(bt *batch, values []any) {
 		key = out
 		binary.BigEndian.PutUint32(key[sp:], uint32(len(key)-sp-4))
 	}
-	bt.sync.seenKeys = append(bt.sync.seenKeys, keyHash(key))
+	kh := keyHash(key)
+	bt.sync.seenKeys = append(bt.sync.seenKeys, kh)
+	t := b.sync.hashes
+	t.mu.Lock()
+	t.markSeen(kh)
+	t.mu.Unlock()
 }
 
 // seenSQL returns the statement that adds bt's seen keys to the seen set, in the
@@ -513,15 +517,11 @@ func (b *BatchSession) syncCommitted(seq int64, bt *batch, sel []int, rows int64
 			c.inserted++ // a NULL key never conflicts
 			continue
 		}
-		if t.set(sb.rowKeys[i], sb.rowHashes[i]) {
+		if t.set(sb.rowKeys[i], sb.rowHashes[i]|rowSeen) { // new keys are seen too
 			c.updated++
 		} else {
 			c.inserted++
 		}
-	}
-	// After the inserts above: their entries exist now.
-	for _, k := range sb.seenKeys {
-		t.markSeen(k)
 	}
 	return c
 }

@@ -127,13 +127,22 @@ func (t *rowHashes) set(k, row uint64) bool {
 	return false
 }
 
-// markDirty sets the entry of key k, if held, to rowDirty (keeping rowSeen).
-func (t *rowHashes) markDirty(k uint64) {
+// check looks key k up for a row whose hash is row: if k is held it marks it
+// seen, and reports unchanged if its hash is row, else marks it in flight
+// (rowDirty) until the row's batch commits.
+func (t *rowHashes) check(k, row uint64) (unchanged, held bool) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	if i := t.find(k); t.slots[i].key != 0 {
-		t.slots[i].row &= rowSeen
+	i := t.find(k)
+	if t.slots[i].key == 0 {
+		return false, false
 	}
+	if t.slots[i].row&^rowSeen == row {
+		t.slots[i].row |= rowSeen
+		return true, true
+	}
+	t.slots[i].row = rowDirty | rowSeen
+	return false, true
 }
 
 // markSeen sets rowSeen on the entry of key k, if held.
