@@ -281,7 +281,7 @@ func (w *tupleWriter) Write(p []byte) (int, error) {
 // parse consumes the complete parts of data and returns the rest.
 func (w *tupleWriter) parse(data []byte) ([]byte, error) {
 	if !w.header {
-		if len(data) < len(copyHeader)+4 {
+		if len(data) < len(copyHeader) { // signature, flags, extension length
 			return data, nil
 		}
 		if !bytes.Equal(data[:11], copyHeader[:11]) {

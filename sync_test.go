@@ -104,3 +104,69 @@ func TestSyncGuard(t *testing.T) {
 }
 
 var _ = errors.New
+
+// TestSyncMarkColumn: with MarkColumn the sweep marks the missing rows instead of
+// deleting them, a marked row is not marked again, and a row that comes back is
+// written again with its mark cleared.
+func TestSyncMarkColumn(t *testing.T) {
+	t.Parallel()
+	db := pgtest.New(t)
+	ctx := context.Background()
+	db.Exec(t, "CREATE TABLE "+db.Ident("items")+" (sku text PRIMARY KEY, qty int NOT NULL, deleted_at timestamptz)")
+	run := func(skus ...string) (Stat, SweepResult) {
+		s, err := NewSession(ctx, db.Pool, SessionConfig{Job: "mark", CheckpointSchema: db.Schema, Restart: true})
+		require.NoError(t, err)
+		defer s.Close(ctx)
+		b, err := s.Batch(ctx, BatchConfig{Table: db.Schema + ".items", Columns: []string{"sku", "qty", "deleted_at"}, Key: []string{"sku"},
+			Sync: &SyncConfig{MarkColumn: "deleted_at", MaxDeleteRatio: 1}, CommitRows: 2})
+		require.NoError(t, err)
+		for i, sku := range skus {
+			require.NoError(t, b.Add(ctx, strconv.Itoa(i), sku, int32(7), nil))
+		}
+		res, err := b.Sweep(ctx)
+		require.NoError(t, err)
+		require.NoError(t, b.Close(ctx))
+		return s.Stat(), res
+	}
+	marked := func() int64 {
+		return db.Int(t, "SELECT count(*) FROM "+db.Ident("items")+" WHERE deleted_at IS NOT NULL")
+	}
+	st, _ := run("a", "b", "c", "d", "e")
+	require.Equal(t, int64(5), st.Inserted())
+	st, res := run("a", "c", "e")
+	require.Equal(t, int64(2), res.Deleted)
+	require.Equal(t, int64(3), st.Unchanged())
+	require.Equal(t, int64(2), marked())
+	require.Equal(t, int64(5), db.Int(t, "SELECT count(*) FROM "+db.Ident("items")), "marked, not deleted")
+	st, res = run("a", "b", "c", "e")
+	require.Equal(t, int64(0), res.Deleted, "d is marked already")
+	require.Equal(t, int64(1), st.Updated(), "b comes back")
+	require.Equal(t, int64(1), marked())
+	require.Equal(t, int64(1), db.Int(t, "SELECT count(*) FROM "+db.Ident("items")+" WHERE sku = 'd' AND deleted_at IS NOT NULL"))
+}
+
+// TestTupleWriter: a binary COPY stream cut at every byte parses to the same tuples.
+func TestTupleWriter(t *testing.T) {
+	t.Parallel()
+	stream := append([]byte(nil), copyHeader...)
+	var want [][]byte
+	for i := range 50 {
+		tup := []byte{0, 2}
+		tup = append(tup, 0, 0, 0, byte(i%5))
+		tup = append(tup, make([]byte, i%5)...)
+		tup = append(tup, 0xff, 0xff, 0xff, 0xff) // NULL
+		want = append(want, tup)
+		stream = append(stream, tup...)
+	}
+	stream = append(stream, copyTrailer...)
+	for _, step := range []int{1, 2, 3, 7, 64, len(stream)} {
+		var got [][]byte
+		w := &tupleWriter{fn: func(tup []byte) error { got = append(got, append([]byte(nil), tup...)); return nil }}
+		for p := 0; p < len(stream); p += step {
+			_, err := w.Write(stream[p:min(p+step, len(stream))])
+			require.NoError(t, err)
+		}
+		require.True(t, w.done, "step %d", step)
+		require.Equal(t, want, got, "step %d", step)
+	}
+}
