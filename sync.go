@@ -698,3 +698,12 @@ func (st Stat) Merged() int64 { return st.c.sync.merged }
 
 // Deleted returns the rows deleted (or marked) by [BatchSession.Sweep].
 func (st Stat) Deleted() int64 { return st.c.sync.deleted }
+
+// SyncCache returns the number of keys the sync's key cache holds and the bytes
+// it takes (0, 0 without BatchConfig.Sync).
+func (b *BatchSession) SyncCache() (keys int, bytes int64) {
+	if b.sync == nil {
+		return 0, 0
+	}
+	return b.sync.hashes.len(), b.sync.hashes.bytes()
+}

@@ -159,6 +159,9 @@ func (j *job) run(readCtx, jobCtx context.Context, signaled func() os.Signal) in
 	if err != nil {
 		return fail(err)
 	}
+	if keys, size := b.SyncCache(); bcfg.Sync != nil {
+		j.log.Info("sync: row hashes preloaded", "keys", keys, "bytes", size, "bytes_per_key", float64(size)/float64(max(keys, 1)))
+	}
 
 	prog := jobkit.StartProgress(jobkit.ProgressConfig{Mode: j.cfg.progress, TTY: j.cfg.tty, W: j.stderr, Log: j.log,
 		Every: j.cfg.progressEvery, Remaining: total - min(after, total), Resuming: after > 0,
