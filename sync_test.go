@@ -2,11 +2,12 @@ package pgetl
 
 import (
 	"context"
-	"errors"
 	"strconv"
 	"testing"
+	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/pgetl/pgetl/internal/pgtest"
 	"github.com/pgetl/pgetl/internal/workload"
@@ -103,8 +104,6 @@ func TestSyncGuard(t *testing.T) {
 	requireSynced(t, db, src)
 }
 
-var _ = errors.New
-
 // TestSyncMarkColumn: with MarkColumn the sweep marks the missing rows instead of
 // deleting them, a marked row is not marked again, and a row that comes back is
 // written again with its mark cleared.
@@ -169,4 +168,60 @@ func TestTupleWriter(t *testing.T) {
 		require.True(t, w.done, "step %d", step)
 		require.Equal(t, want, got, "step %d", step)
 	}
+}
+
+// TestSyncInDoubt: the reply of a sync batch's COMMIT is lost while the server is
+// briefly unreachable; the batch is found committed (by the replay's fence), its
+// hashes and counts are taken once, and the sweep deletes exactly the missing rows.
+func TestSyncInDoubt(t *testing.T) {
+	t.Parallel()
+	db := pgtest.New(t)
+	loadProducts(t, db, 3000)
+	ctx := context.Background()
+	g := newGate()
+	pool := g.pool(t, db.URL)
+	tr := newTrigger(t)
+	s, err := NewSession(ctx, pool, SessionConfig{Job: "syncdoubt", CheckpointSchema: db.Schema,
+		Retry: RetryPolicy{InitialBackoff: 10 * time.Millisecond, MaxBackoff: 50 * time.Millisecond, MaxAttempts: 1000},
+		beforeCommit: func(_ context.Context, seq int64, attempt int, pgc *pgconn.PgConn) {
+			if seq == 2 && attempt == 1 {
+				g.arm(pgc)
+				tr.pull(seq)
+			}
+		}})
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = s.Close(context.Background()) })
+	src := syncSource{n: 3000, v: 2, changedEvery: 10, missingEvery: 100}
+	var res SweepResult
+	job := goJob(func() error {
+		b, err := s.Batch(ctx, BatchConfig{Table: db.Schema + ".products", Columns: workload.Columns, Key: []string{"sku"},
+			Sync: &SyncConfig{}, CommitRows: 1000, InFlight: 1, CommitInterval: -1})
+		if err != nil {
+			return err
+		}
+		for i := int64(1); i <= src.n; i++ {
+			if !workload.Missing(i, src.missingEvery) {
+				if err := b.Add(ctx, strconv.FormatInt(i, 10), workload.Row(i, workload.SyncVersion(i, src.v, src.changedEvery)).Values()...); err != nil {
+					return err
+				}
+			}
+		}
+		if res, err = b.Sweep(ctx); err != nil {
+			return err
+		}
+		return b.Close(ctx)
+	})
+	tr.wait(t, job, 30*time.Second)
+	tr.release()
+	g.committedThenUnreachable(t, db.Pool, db.Schema, "syncdoubt", 2)
+	g.reachableAfter(t, 2)
+	require.NoError(t, waitJob(t, job, 60*time.Second))
+	requireSynced(t, db, src)
+	st := s.Stat()
+	require.Equal(t, int64(1), st.Retries()["in_doubt_committed"], "%v", st.Retries())
+	require.Equal(t, int64(300), st.Updated(), "each changed row counted once")
+	require.Equal(t, int64(0), st.Inserted())
+	require.Equal(t, int64(30), st.Deleted())
+	require.Equal(t, int64(30), res.Deleted)
+	require.Equal(t, int64(3000-300-30), st.Unchanged())
 }
