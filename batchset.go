@@ -82,7 +82,7 @@ type setBatch struct {
 	last   *string
 	merge  []bool // per table with IgnoreExisting: merge through a staging table
 	seen   int64  // source records added
-	rows   int   // table rows buffered
+	rows   int    // table rows buffered
 	bytes  int
 }
 
