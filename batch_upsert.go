@@ -22,8 +22,12 @@ func tableIdent(name string) string {
 	return pgx.Identifier(strings.Split(name, ".")).Sanitize()
 }
 
-// describe resolves the column types (one round trip, unnamed statement, so it
-// works behind PgBouncer) and checks the merge statement of an upsert.
+// describe resolves the column types and checks the target, in one round trip: an
+// insert prepares "SELECT columns FROM table" as the unnamed statement (so it works
+// behind PgBouncer) for its column types; an upsert sends one simple-protocol
+// message that creates the staging table, reads the column types from it, reads the
+// key's unique indexes (with a key cache) and EXPLAINs the merge, inside a
+// transaction it rolls back (see describeUpsert).
 func (b *BatchSession) describe(ctx context.Context) error {
 	cfg := &b.cfg
 	conn, err := b.s.pool.Acquire(ctx)
@@ -45,11 +49,24 @@ func (b *BatchSession) describe(ctx context.Context) error {
 		quoted[i] = pgx.Identifier{c}.Sanitize()
 	}
 	b.table, b.cols = tableIdent(cfg.Table), strings.Join(quoted, ", ")
-	sd, err := pgc.Prepare(ctx, "", "SELECT "+b.cols+" FROM "+b.table, nil)
-	if err != nil {
-		return fmt.Errorf("pgetl: batch target %s (%s): %w", cfg.Table, strings.Join(cfg.Columns, ", "), err)
+	var fields []pgconn.FieldDescription
+	var keyIndexes []string
+	if len(cfg.Key) == 0 {
+		b.sql.copyStmt = "COPY " + b.table + " (" + b.cols + ") FROM STDIN (FORMAT binary);"
+		sd, err := pgc.Prepare(ctx, "", "SELECT "+b.cols+" FROM "+b.table, nil)
+		if err != nil {
+			return fmt.Errorf("pgetl: batch target %s (%s): %w", cfg.Table, strings.Join(cfg.Columns, ", "), err)
+		}
+		fields = sd.Fields
+	} else {
+		if err := b.upsertSQL(quoted); err != nil {
+			return err
+		}
+		if fields, keyIndexes, err = b.describeUpsert(ctx, conn.Conn()); err != nil {
+			return err
+		}
 	}
-	for _, f := range sd.Fields {
+	for _, f := range fields {
 		if _, ok := b.m.TypeForOID(f.DataTypeOID); !ok {
 			var name string
 			if err := conn.QueryRow(ctx, "SELECT format_type($1::oid, NULL)", f.DataTypeOID).Scan(&name); err != nil {
@@ -63,14 +80,26 @@ func (b *BatchSession) describe(ctx context.Context) error {
 		}
 		b.oids = append(b.oids, f.DataTypeOID)
 	}
-	b.sql.copyStmt = "COPY " + b.table + " (" + b.cols + ") FROM STDIN (FORMAT binary);"
 	b.nvals = len(cfg.Columns)
 	if err := b.describeLookups(ctx, conn.Conn()); err != nil {
 		return err
 	}
-	if len(cfg.Key) == 0 {
-		return nil
+	if cfg.KeyCache != nil {
+		if err := b.checkKeyType(); err != nil {
+			return err
+		}
+		b.keyIndexes = map[string]bool{}
+		for _, n := range keyIndexes {
+			b.keyIndexes[n] = true
+		}
 	}
+	return nil
+}
+
+// upsertSQL checks an upsert's Key and KeyCache against Columns and builds its
+// statements (no I/O).
+func (b *BatchSession) upsertSQL(quoted []string) error {
+	cfg := &b.cfg
 	isKey := map[string]bool{}
 	for _, k := range cfg.Key {
 		i := indexOf(cfg.Columns, k)
@@ -104,50 +133,83 @@ func (b *BatchSession) describe(ctx context.Context) error {
 	b.sql.stageStmt = "CREATE TEMP TABLE pgetl_stage ON COMMIT DROP AS SELECT " + b.cols + " FROM " + b.table + " WITH NO DATA;"
 	b.sql.copyStmt = "COPY pgetl_stage (" + b.cols + ") FROM STDIN (FORMAT binary);"
 	b.sql.merge = merge + ";"
-	if cfg.KeyCache != nil {
-		if len(cfg.Key) != 1 {
-			return errors.New("pgetl: BatchConfig.KeyCache needs a single-column Key")
-		}
-		if cfg.OnlyChanged || len(set) == 0 || cfg.IgnoreExisting {
-			return errors.New("pgetl: BatchConfig.KeyCache cannot be combined with OnlyChanged, IgnoreExisting or a Key that is all the Columns")
-		}
-		if err := b.checkKeyType(); err != nil {
-			return err
-		}
-		k := keys[0]
-		var upd []string
-		for _, c := range set {
-			upd = append(upd, strings.Replace(c, "EXCLUDED.", "s.", 1))
-		}
-		// Nested loops over the key's index: a hash join would read the whole table
-		// for every batch. expect_rows fails the batch (PGK01) if a key the cache
-		// holds is missing from the table, and the batch is then retried as a merge.
-		b.sql.update = "SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off; WITH u AS (UPDATE " + b.table +
-			" AS t SET " + strings.Join(upd, ", ") + " FROM pgetl_stage s WHERE t." + k + " = s." + k + " RETURNING 1) SELECT " +
-			b.s.schema + ".expect_rows((SELECT count(*) FROM u), "
-		b.sql.copyNew = "COPY " + b.table + " (" + b.cols + ") FROM STDIN (FORMAT binary);"
-		rows, err := conn.Query(ctx, `SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
-			WHERE i.indrelid = $1::regclass AND i.indisunique AND i.indnatts = 1
-			AND (SELECT attname FROM pg_attribute WHERE attrelid = i.indrelid AND attnum = i.indkey[0]) = $2`, b.table, cfg.Key[0])
-		if err != nil {
-			return fmt.Errorf("pgetl: batch: unique indexes of %s: %w", cfg.Table, err)
-		}
-		names, err := pgx.CollectRows(rows, pgx.RowTo[string])
-		if err != nil {
-			return fmt.Errorf("pgetl: batch: unique indexes of %s: %w", cfg.Table, err)
-		}
-		b.keyIndexes = map[string]bool{}
-		for _, n := range names {
-			b.keyIndexes[n] = true
-		}
+	if cfg.KeyCache == nil {
+		return nil
 	}
-	// EXPLAIN plans the merge without running it: it checks that a unique index
-	// matches Key now rather than at the first flush.
-	if _, err := conn.Exec(ctx, "BEGIN; "+b.sql.stageStmt+" EXPLAIN (COSTS OFF) "+merge+"; ROLLBACK"); err != nil {
-		_, _ = conn.Exec(ctx, "ROLLBACK")
-		return fmt.Errorf("pgetl: batch upsert on %s key (%s): %w", cfg.Table, strings.Join(cfg.Key, ", "), err)
+	if len(cfg.Key) != 1 {
+		return errors.New("pgetl: BatchConfig.KeyCache needs a single-column Key")
 	}
+	if cfg.OnlyChanged || len(set) == 0 || cfg.IgnoreExisting {
+		return errors.New("pgetl: BatchConfig.KeyCache cannot be combined with OnlyChanged, IgnoreExisting or a Key that is all the Columns")
+	}
+	k := keys[0]
+	var upd []string
+	for _, c := range set {
+		upd = append(upd, strings.Replace(c, "EXCLUDED.", "s.", 1))
+	}
+	// Nested loops over the key's index: a hash join would read the whole table
+	// for every batch. expect_rows fails the batch (PGK01) if a key the cache
+	// holds is missing from the table, and the batch is then retried as a merge.
+	b.sql.update = "SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off; WITH u AS (UPDATE " + b.table +
+		" AS t SET " + strings.Join(upd, ", ") + " FROM pgetl_stage s WHERE t." + k + " = s." + k + " RETURNING 1) SELECT " +
+		b.s.schema + ".expect_rows((SELECT count(*) FROM u), "
+	b.sql.copyNew = "COPY " + b.table + " (" + b.cols + ") FROM STDIN (FORMAT binary);"
 	return nil
+}
+
+// describeUpsert checks an upsert's target in one simple-protocol message, inside a
+// transaction it rolls back: it creates the staging table (as every batch does),
+// reads the column types from it (a column's type as the table has it; for a domain
+// the server reports the base type, as it does for the table), with a key cache
+// reads the names of the unique indexes on the key (a unique violation on one of
+// them means the cache was stale), and EXPLAINs the merge, which plans it without
+// running it: it checks that a unique index matches Key now rather than at the
+// first flush. The statements after a failed one are skipped; the error names the
+// step that failed.
+func (b *BatchSession) describeUpsert(ctx context.Context, conn *pgx.Conn) (fields []pgconn.FieldDescription, keyIndexes []string, err error) {
+	cfg := &b.cfg
+	const stepTypes = 2 // after BEGIN and the staging table
+	stepIndexes, stepExplain := -1, 3
+	q := "BEGIN; " + b.sql.stageStmt + " SELECT " + b.cols + " FROM pgetl_stage LIMIT 0; "
+	if cfg.KeyCache != nil {
+		stepIndexes, stepExplain = 3, 4
+		q += `SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+			WHERE i.indrelid = ` + quoteLiteral(b.table) + `::regclass AND i.indisunique AND i.indnatts = 1
+			AND (SELECT attname FROM pg_attribute WHERE attrelid = i.indrelid AND attnum = i.indkey[0]) = ` + quoteLiteral(cfg.Key[0]) + "; "
+	}
+	q += "EXPLAIN (COSTS OFF) " + strings.TrimSuffix(b.sql.merge, ";") + "; ROLLBACK"
+	mrr := conn.PgConn().Exec(ctx, q)
+	step := 0 // the statement whose result is read next: the one that failed, if one did
+	for mrr.NextResult() {
+		rr := mrr.ResultReader()
+		switch step {
+		case stepTypes:
+			fields = append(fields, rr.FieldDescriptions()...)
+		case stepIndexes:
+			for rr.NextRow() {
+				keyIndexes = append(keyIndexes, string(rr.Values()[0]))
+			}
+		}
+		if _, err := rr.Close(); err != nil {
+			break
+		}
+		step++
+	}
+	if err = mrr.Close(); err == nil {
+		return fields, keyIndexes, nil
+	}
+	if conn.PgConn().TxStatus() != 'I' {
+		_, _ = conn.Exec(ctx, "ROLLBACK")
+	}
+	switch {
+	case step <= stepTypes:
+		return nil, nil, fmt.Errorf("pgetl: batch target %s (%s): %w", cfg.Table, strings.Join(cfg.Columns, ", "), err)
+	case step == stepIndexes:
+		return nil, nil, fmt.Errorf("pgetl: batch: unique indexes of %s: %w", cfg.Table, err)
+	case step == stepExplain:
+		return nil, nil, fmt.Errorf("pgetl: batch upsert on %s key (%s): %w", cfg.Table, strings.Join(cfg.Key, ", "), err)
+	}
+	return nil, nil, fmt.Errorf("pgetl: batch upsert on %s: %w", cfg.Table, err)
 }
 
 func indexOf(xs []string, x string) int {

@@ -86,117 +86,16 @@ func sendBatch(ctx context.Context, pgc *pgconn.PgConn, sql string, copies []net
 // sendBatchRows is sendBatch that also hands the values (text format) of every row
 // the message's queries return to onRow, in order; onRow must not keep them.
 func sendBatchRows(ctx context.Context, pgc *pgconn.PgConn, sql string, copies []net.Buffers, onRow func([][]byte)) (tag string, copiesDone int, err error) {
-	if pgc.IsBusy() {
-		return "", 0, errors.New("pgetl: bug: sendBatch on a busy connection")
+	res, last, err := exchange(ctx, pgc, []pipeMsg{{sql: sql, copies: copies}}, onRow)
+	if err == nil {
+		last = res[0]
 	}
-	if pgc.IsClosed() {
-		// Nothing sent: a lost connection, transient like pgconn's "conn closed".
-		return "", 0, fmt.Errorf("pgetl: batch not sent: %w", net.ErrClosed)
+	if last.err != nil {
+		// Also after a transport failure: a FATAL error (the server ending the
+		// session) arrives before the connection drops, and classifies the failure.
+		return last.tag, last.copiesDone, last.err
 	}
-	if err := ctx.Err(); err != nil {
-		return "", 0, err
-	}
-	if err := pgc.SyncConn(ctx); err != nil {
-		closeConn(pgc)
-		return "", 0, err
-	}
-	conn := pgc.Conn()
-
-	msg := make(net.Buffers, 0, 2+4*len(copies))
-	q := make([]byte, 0, 5+len(sql)+1)
-	q = append(q, 'Q', 0, 0, 0, 0)
-	q = append(q, sql...)
-	q = append(q, 0)
-	binary.BigEndian.PutUint32(q[1:], uint32(len(q)-1))
-	msg = append(msg, q)
-	hdrs := make([]byte, 0, 5*len(copies))
-	for _, data := range copies {
-		var n int
-		for _, b := range data {
-			n += len(b)
-		}
-		// hdrs never grows past its capacity, so earlier headers stay in place.
-		hdrs = binary.BigEndian.AppendUint32(append(hdrs, 'd'), uint32(n+4))
-		msg = append(msg, hdrs[len(hdrs)-5:])
-		msg = append(msg, data...)
-		msg = append(msg, copyDoneMsg)
-	}
-
-	// One watch for the whole exchange: a canceled ctx interrupts the blocked write
-	// and read alike.
-	watch := ctxwatch.NewContextWatcher(&pgconn.DeadlineContextWatcherHandler{Conn: conn})
-	watch.Watch(ctx)
-	// The first side to fail closes the connection, which fails the other side:
-	// its error is the cause.
-	var (
-		failOnce sync.Once
-		failErr  error
-	)
-	fail := func(err error) {
-		failOnce.Do(func() {
-			failErr = err
-			_ = conn.Close()
-		})
-	}
-	wdone := make(chan struct{})
-	go func() {
-		defer close(wdone)
-		if err := writeChunked(conn, msg); err != nil {
-			// Fatal for the connection: close it now so the reader's blocked read
-			// fails, as pgconn's CopyFrom does.
-			fail(err)
-		}
-	}()
-
-	var pgErr error
-	for {
-		m, rerr := pgc.ReceiveMessage(context.Background())
-		if rerr != nil {
-			// The protocol state is unknown: close, which unblocks the writer.
-			fail(rerr)
-			break
-		}
-		done := false
-		switch m := m.(type) {
-		case *pgproto3.DataRow:
-			if onRow != nil && pgErr == nil {
-				onRow(m.Values)
-			}
-		case *pgproto3.CommandComplete:
-			tag = string(m.CommandTag)
-			if pgErr == nil && len(tag) > 5 && tag[:5] == "COPY " {
-				copiesDone++
-			}
-		case *pgproto3.ErrorResponse:
-			if pgErr == nil {
-				pgErr = pgconn.ErrorResponseToPgError(m)
-			}
-		case *pgproto3.ReadyForQuery:
-			done = true
-		}
-		if done {
-			break
-		}
-	}
-	<-wdone
-	err = failErr   // written before wdone closed or by this goroutine
-	watch.Unwatch() // clears the deadline if ctx ended
-	if err != nil {
-		if ctxErr := ctx.Err(); ctxErr != nil {
-			err = &interruptedError{ctxErr: ctxErr, err: err}
-		}
-		closeConn(pgc)
-		if pgErr != nil {
-			// A FATAL error (the server ending the session) arrives before the
-			// connection drops: report it, it classifies the failure.
-			return tag, copiesDone, pgErr
-		}
-		return tag, copiesDone, err
-	}
-	if pgErr != nil {
-		return tag, copiesDone, pgErr
-	}
-	return tag, copiesDone, nil
+	return last.tag, last.copiesDone, err
 }
 
 // copyDoneMsg is the protocol's CopyDone message.
@@ -282,18 +181,35 @@ type pipeResult struct {
 // sendBatch's; a transport failure returns an error and leaves pgc closed, server
 // errors are in the results.
 func sendPipeline(ctx context.Context, pgc *pgconn.PgConn, msgs []pipeMsg) ([]pipeResult, error) {
+	res, last, err := exchange(ctx, pgc, msgs, nil)
+	if err != nil && last.err != nil {
+		// A FATAL error arrives before the connection drops: it classifies the
+		// failure.
+		return res, last.err
+	}
+	return res, err
+}
+
+// exchange is the one exchange behind sendBatch and sendPipeline (documented at
+// sendBatch): it writes msgs back to back from a writer goroutine while it reads the
+// replies, one ReadyForQuery per message, handing the rows of messages without an
+// error so far to onRow (if set). It returns the results of the messages answered;
+// after a transport failure (err, pgc closed) also the partial result of the
+// message it was reading.
+func exchange(ctx context.Context, pgc *pgconn.PgConn, msgs []pipeMsg, onRow func([][]byte)) (res []pipeResult, cur pipeResult, err error) {
 	if pgc.IsBusy() {
-		return nil, errors.New("pgetl: bug: sendPipeline on a busy connection")
+		return nil, cur, errors.New("pgetl: bug: batch on a busy connection")
 	}
 	if pgc.IsClosed() {
-		return nil, fmt.Errorf("pgetl: batch not sent: %w", net.ErrClosed)
+		// Nothing sent: a lost connection, transient like pgconn's "conn closed".
+		return nil, cur, fmt.Errorf("pgetl: batch not sent: %w", net.ErrClosed)
 	}
 	if err := ctx.Err(); err != nil {
-		return nil, err
+		return nil, cur, err
 	}
 	if err := pgc.SyncConn(ctx); err != nil {
 		closeConn(pgc)
-		return nil, err
+		return nil, cur, err
 	}
 	conn := pgc.Conn()
 
@@ -318,8 +234,12 @@ func sendPipeline(ctx context.Context, pgc *pgconn.PgConn, msgs []pipeMsg) ([]pi
 		}
 	}
 
+	// One watch for the whole exchange: a canceled ctx interrupts the blocked write
+	// and read alike.
 	watch := ctxwatch.NewContextWatcher(&pgconn.DeadlineContextWatcherHandler{Conn: conn})
 	watch.Watch(ctx)
+	// The first side to fail closes the connection, which fails the other side:
+	// its error is the cause.
 	var (
 		failOnce sync.Once
 		failErr  error
@@ -334,19 +254,25 @@ func sendPipeline(ctx context.Context, pgc *pgconn.PgConn, msgs []pipeMsg) ([]pi
 	go func() {
 		defer close(wdone)
 		if err := writeChunked(conn, out); err != nil {
+			// Fatal for the connection: close it now so the reader's blocked read
+			// fails, as pgconn's CopyFrom does.
 			fail(err)
 		}
 	}()
 
-	res := make([]pipeResult, 0, len(msgs))
-	cur := pipeResult{}
+	res = make([]pipeResult, 0, len(msgs))
 	for len(res) < len(msgs) {
 		m, rerr := pgc.ReceiveMessage(context.Background())
 		if rerr != nil {
+			// The protocol state is unknown: close, which unblocks the writer.
 			fail(rerr)
 			break
 		}
 		switch m := m.(type) {
+		case *pgproto3.DataRow:
+			if onRow != nil && cur.err == nil {
+				onRow(m.Values)
+			}
 		case *pgproto3.CommandComplete:
 			cur.tag = string(m.CommandTag)
 			if cur.err == nil && len(cur.tag) > 5 && cur.tag[:5] == "COPY " {
@@ -362,19 +288,13 @@ func sendPipeline(ctx context.Context, pgc *pgconn.PgConn, msgs []pipeMsg) ([]pi
 		}
 	}
 	<-wdone
-	err := failErr
-	watch.Unwatch()
+	err = failErr   // written before wdone closed or by this goroutine
+	watch.Unwatch() // clears the deadline if ctx ended
 	if err != nil {
 		if ctxErr := ctx.Err(); ctxErr != nil {
 			err = &interruptedError{ctxErr: ctxErr, err: err}
 		}
 		closeConn(pgc)
-		if cur.err != nil {
-			// A FATAL error arrives before the connection drops: it classifies the
-			// failure.
-			return res, cur.err
-		}
-		return res, err
 	}
-	return res, nil
+	return res, cur, err
 }

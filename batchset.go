@@ -14,6 +14,7 @@ import (
 	"time"
 	"unicode/utf8"
 
+	"github.com/jackc/pgerrcode"
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgtype"
@@ -52,6 +53,23 @@ type BatchSet struct {
 	closeErr  error
 
 	pipe *pipeline // batches in flight
+
+	// Tables with IgnoreExisting are COPYed straight into the table while no key
+	// conflicts (a key that exists); see mergePlan.
+	gateMu sync.Mutex
+	gates  []mergeGate
+}
+
+// mergeGate decides, for a table with IgnoreExisting, whether a batch goes straight
+// into the table (a COPY, the cheap way) or through a staging table merged with ON
+// CONFLICT DO NOTHING. Rows whose key exists are rare in the common uses (a header
+// written again after a resume, or by another job): a batch is COPYed directly, and
+// if its key conflicts (23505) it is rolled back and retried as a merge; the next
+// batches then merge too, 1, 2, 4, … up to 64 of them after repeated conflicts, and
+// halve that run after each batch that went straight in.
+type mergeGate struct {
+	left int // batches still to merge
+	run  int // how many batches merge after the next conflict, halved on success
 }
 
 // setBatch is one batch of a set: per table, the rows whose lookups are resolved
@@ -62,8 +80,9 @@ type setBatch struct {
 	keys   [][][]any // per table, per pending row: its lookup keys
 	rej    []Reject  // rows Add refused
 	last   *string
-	seen   int64 // source records added
-	rows   int   // table rows buffered
+	merge  []bool // per table with IgnoreExisting: merge through a staging table
+	seen   int64  // source records added
+	rows   int    // table rows buffered
 	bytes  int
 }
 
@@ -112,6 +131,7 @@ func (s *Session) Batches(ctx context.Context, cfgs ...BatchConfig) (*BatchSet, 
 		return nil, fmt.Errorf("pgetl: BatchConfig.InFlight must be at least 1, got %d", inFlight)
 	}
 	set.pipe = newPipeline(s, inFlight)
+	set.gates = make([]mergeGate, len(set.parts))
 	set.limit = set.cfg.CommitRows
 	if slowStart {
 		set.limit = min(set.cfg.CommitRows, slowStartRows)
@@ -559,6 +579,7 @@ func (set *BatchSet) commitUnit(ctx context.Context, bt *setBatch, seq int64) (*
 	skip := map[int64]bool{} // rows rejected while committing
 	rejects := append([]Reject(nil), bt.rej...)
 	cursor := bt.last
+	set.mergePlan(bt)
 	for {
 		if err := set.checkRejects(&setBatch{}, rejects); err != nil {
 			return nil, err
@@ -572,10 +593,14 @@ func (set *BatchSet) commitUnit(ctx context.Context, bt *setBatch, seq int64) (*
 			return out, err
 		})
 		if err == nil {
+			set.mergeDone(bt)
 			return &unitResult{seq: seq, cursor: cursor, rows: rows - int64(len(unknown)), rejects: append(rejects, unknown...),
 				sent: sent, t0: t0, report: report, bt: bt}, nil
 		}
 		pg := pgErrorOf(err)
+		if pg != nil && ctx.Err() == nil && set.keyConflict(bt, pg) {
+			continue // retry the batch, merging the table whose key conflicted
+		}
 		var rerr *setRowError
 		if ctx.Err() != nil || pg == nil || !isDataError(pg.Code) || !errors.As(err, &rerr) {
 			if pg != nil && pg.Code == codeRowsMismatch && len(unknown) > 0 {
@@ -740,15 +765,18 @@ func (set *BatchSet) attempt(ctx context.Context, seq int64, n int, bt *setBatch
 		if len(dsel) == 0 && len(psel) == 0 {
 			continue
 		}
-		upsert := len(b.cfg.Key) > 0
+		upsert := len(b.cfg.Key) > 0 && (!b.cfg.IgnoreExisting || bt.merge[p])
 		if upsert {
 			q.WriteString(strings.Replace(b.sql.stageStmt, "pgetl_stage", "pgetl_stage_"+strconv.Itoa(p), 1))
 		}
 		if len(dsel) > 0 {
 			c, starts, nb := b.copyData(direct, dsel, 0)
 			stmt := b.sql.copyStmt
-			if upsert {
+			switch {
+			case upsert:
 				stmt = strings.Replace(stmt, "pgetl_stage", "pgetl_stage_"+strconv.Itoa(p), 1)
+			case len(b.cfg.Key) > 0: // IgnoreExisting, straight into the table
+				stmt = "COPY " + b.table + " (" + b.cols + ") FROM STDIN (FORMAT binary);"
 			}
 			for k := range c {
 				q.WriteString(stmt)
@@ -1022,4 +1050,72 @@ func jsonLiteral(j string) string {
 		j = "null"
 	}
 	return quoteLiteral(strings.ToValidUTF8(strings.ReplaceAll(j, "\x00", ""), "?"))
+}
+
+// mergePlan decides, per table with IgnoreExisting, whether bt merges (see
+// mergeGate). A batch already planned (a retry) keeps its plan.
+func (set *BatchSet) mergePlan(bt *setBatch) {
+	if len(bt.merge) == len(set.parts) {
+		return
+	}
+	bt.merge = make([]bool, len(set.parts))
+	set.gateMu.Lock()
+	defer set.gateMu.Unlock()
+	for p, b := range set.parts {
+		if b.cfg.IgnoreExisting && len(b.cfg.Key) > 0 {
+			g := &set.gates[p]
+			if g.left > 0 {
+				bt.merge[p] = true
+				g.left--
+			}
+		}
+	}
+}
+
+// keyConflict reports whether pg is a unique violation of a table of bt that went
+// straight in under IgnoreExisting (a key that exists): that table then merges, in
+// this batch's retry and in the next ones (see mergeGate).
+func (set *BatchSet) keyConflict(bt *setBatch, pg *pgconn.PgError) bool {
+	if pg.Code != pgerrcode.UniqueViolation {
+		return false
+	}
+	var straight []int
+	for p, b := range set.parts {
+		if b.cfg.IgnoreExisting && len(b.cfg.Key) > 0 && !bt.merge[p] {
+			straight = append(straight, p)
+		}
+	}
+	// The violation names its table (a quoted name, or a table of another schema
+	// with the same name, only costs this batch a merge it did not need).
+	var hit []int
+	for _, p := range straight {
+		t := set.parts[p].cfg.Table
+		if strings.Contains(t, `"`) || t[strings.LastIndexByte(t, '.')+1:] == pg.TableName {
+			hit = append(hit, p)
+		}
+	}
+	if len(hit) == 0 {
+		return false
+	}
+	set.gateMu.Lock()
+	defer set.gateMu.Unlock()
+	for _, p := range hit {
+		bt.merge[p] = true
+		g := &set.gates[p]
+		g.run = min(max(1, 2*g.run), 64)
+		g.left = max(g.left, g.run)
+	}
+	set.s.count("key_conflict")
+	return true
+}
+
+// mergeDone halves the merge run of each table bt sent straight in.
+func (set *BatchSet) mergeDone(bt *setBatch) {
+	set.gateMu.Lock()
+	defer set.gateMu.Unlock()
+	for p, b := range set.parts {
+		if b.cfg.IgnoreExisting && !bt.merge[p] {
+			set.gates[p].run /= 2
+		}
+	}
 }

@@ -327,3 +327,34 @@ func TestBatchSetClosedBySession(t *testing.T) {
 	_, err = s.Batches(ctx, BatchConfig{Table: db.Schema + ".t", Columns: []string{"n"}})
 	require.ErrorIs(t, err, ErrClosed)
 }
+
+// TestBatchSetIgnoreExistingGoesStraight: headers (IgnoreExisting) are COPYed straight
+// into their table; a batch holding a header whose key exists is rolled back and
+// retried as a merge (the existing row stays), the next batch merges too, and the
+// batches after it go straight again (a second conflict, far later, is a second
+// retry). Nothing is rejected and every line lands.
+func TestBatchSetIgnoreExistingGoesStraight(t *testing.T) {
+	t.Parallel()
+	db := pgtest.New(t)
+	const n, customers, products = 12_000, 300, 500
+	starSchema(t, db, products)
+	ctx := context.Background()
+	// Orders 300 (batch 2 of 800 lines) and 1900 (batch 10) exist, with their own
+	// customer and time.
+	db.Exec(t, `INSERT INTO customers (email, name) VALUES ('old@example.com', 'Old');
+		INSERT INTO orders SELECT o, (SELECT id FROM customers WHERE email = 'old@example.com'), '2000-01-01Z' FROM unnest(ARRAY[300, 1900]) o`)
+	s, err := NewSession(ctx, db.Pool, SessionConfig{Job: "straight", CheckpointSchema: db.Schema})
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = s.Close(ctx) })
+	j := newStarJob(t, db, s, 1000, RejectToTable)
+	require.NoError(t, j.run(ctx, 1, n, customers, products, 0, nil))
+
+	require.Equal(t, int64(2), s.Stat().Retries()["key_conflict"], "one retry per batch holding an existing key")
+	require.Equal(t, int64(n/4), db.Int(t, "SELECT count(*) FROM orders"))
+	require.Equal(t, int64(2), db.Int(t, "SELECT count(*) FROM orders WHERE ordered_at = '2000-01-01Z'"), "the existing headers stay")
+	require.Equal(t, int64(n), db.Int(t, "SELECT count(*) FROM order_lines"))
+	require.Zero(t, db.Int(t, "SELECT count(*) FROM reject"))
+	cp, err := s.Checkpoint(ctx)
+	require.NoError(t, err)
+	require.Equal(t, strconv.Itoa(n), cp.Cursor)
+}

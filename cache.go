@@ -438,6 +438,9 @@ func (c *Cache[K, V]) Stat() CacheStat {
 //
 // so no cursor, snapshot or connection is held between pages (run on a pool, each
 // page may use another connection) and a huge table never sits in memory at once.
+// Each page is one round trip: it runs in [pgx.QueryExecModeExec] (no prepared
+// statement; parameters and results in text form, which every type pgx knows
+// decodes as it does the binary form), also on a connection that would prepare it.
 // Rows changed while it runs may be read in either state; rows inserted behind the
 // current page are missed (later lookups of them miss and go to the database). Preload
 // stops early, without error, when the memory budget is exhausted
@@ -466,9 +469,9 @@ func (c *Cache[K, V]) Preload(ctx context.Context, db Querier, src Lookup) error
 		var rows pgx.Rows
 		var err error
 		if page == 0 {
-			rows, err = db.Query(ctx, first, pageSize)
+			rows, err = db.Query(ctx, first, pgx.QueryExecModeExec, pageSize)
 		} else {
-			rows, err = db.Query(ctx, next, pageSize, last)
+			rows, err = db.Query(ctx, next, pgx.QueryExecModeExec, pageSize, last)
 		}
 		if err != nil {
 			return fmt.Errorf("pgetl: Cache.Preload from %s: %w", src.Table, err)

@@ -21,10 +21,13 @@ type Checkpoint struct {
 	Job       string    // the job's name
 	Seq       int64     // sequence of the last committed batch (0: none yet)
 	Cursor    string    // the cursor of the last committed row ("" when none)
-	Rows      int64     // rows committed by the job since its start (or Restart)
-	Rejects   int64     // rows rejected since its start
+	Rows      int64     // rows committed by the job since its start (or Restart), over all its runs
+	Rejects   int64     // rows rejected since its start (or Restart), over all its runs
 	UpdatedAt time.Time // when the checkpoint last advanced
 	Finished  bool      // whether Finish marked the job done
+	// Run counts the job's runs: 1 for its first (and after Restart), incremented
+	// when a session with SessionConfig.Incremental claims the job after Finish.
+	Run int64
 }
 
 func newToken() string {
@@ -35,36 +38,32 @@ func newToken() string {
 
 // schemaVersion is the version of the checkpoint schema objects (tables and
 // functions) this code needs. It is recorded as the comment of the advance function;
-// setup migrates older objects in place (idempotent DDL under an advisory lock), so a
-// schema made by an older pgetl is upgraded rather than used as it is.
+// the claim function checks it (and that the reject table exists) on every call, so a
+// session starts in one round trip when the objects are current, and runs setup
+// (idempotent DDL under an advisory lock, which migrates older objects in place) and
+// claims again only when the claim fails for want of current objects. A schema made
+// by an older pgetl is thus upgraded rather than used as it is.
 //
 // Version 2: the claim is one function call (one round trip); the reject table names
 // the table a rejected row was meant for.
-const schemaVersion = 2
+// Version 3: the checkpoint counts the job's runs (column run: incremental runs, see
+// SessionConfig.Incremental); claim takes the schema marker and fails with PGF06
+// unless it matches.
+const schemaVersion = 3
 
 // schemaMarker is the comment of the advance function that marks schemaVersion.
 var schemaMarker = "pgetl schema " + strconv.Itoa(schemaVersion)
 
 // setup creates the checkpoint schema, tables and functions if missing, or migrates
-// them from an older version, in one round trip when they are current.
-func (s *Session) setup(ctx context.Context) error {
+// them from an older version, in one round trip. NewSession runs it only when the
+// claim finds the objects missing or of another version, so that a role without
+// CREATE can run jobs once the objects were made.
+func (s *Session) setup(ctx context.Context, found error) error {
 	sch := s.schema
 	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
-	// Skip the DDL when everything is current, so a role without CREATE can run jobs
-	// once the objects were made.
-	var marker string
-	err := s.pool.QueryRow(ctx, `SELECT CASE WHEN to_regclass($1) IS NOT NULL AND to_regclass($2) IS NOT NULL
-		THEN coalesce(obj_description(to_regprocedure($3), 'pg_proc'), '') ELSE '' END`,
-		sch+".checkpoint", sch+".reject", sch+".advance(text,text,bigint,text,bigint,bigint,interval,bigint)").Scan(&marker)
-	if err != nil {
-		return fmt.Errorf("pgetl: set up checkpoint table in schema %s: %w", sch, err)
-	}
-	if marker == schemaMarker {
-		return nil
-	}
 	if _, err := s.pool.Exec(ctx, "BEGIN;"+checkpointDDL(sch)+"COMMIT"); err != nil {
-		return fmt.Errorf("pgetl: set up checkpoint table in schema %s (found %q, need %q): %w", sch, marker, schemaMarker, err)
+		return fmt.Errorf("pgetl: set up checkpoint table in schema %s (need %q; the claim found: %w): %w", sch, schemaMarker, found, err)
 	}
 	return nil
 }
@@ -83,8 +82,10 @@ CREATE TABLE IF NOT EXISTS ` + sch + `.checkpoint (
 	owner       text,
 	lease_until timestamptz,
 	finished_at timestamptz,
-	updated_at  timestamptz NOT NULL DEFAULT now()
+	updated_at  timestamptz NOT NULL DEFAULT now(),
+	run         bigint NOT NULL DEFAULT 1
 );
+ALTER TABLE ` + sch + `.checkpoint ADD COLUMN IF NOT EXISTS run bigint NOT NULL DEFAULT 1;
 CREATE TABLE IF NOT EXISTS ` + sch + `.reject (
 	job             text NOT NULL,
 	seq             bigint NOT NULL,
@@ -128,27 +129,38 @@ BEGIN
 	END LOOP;
 END
 $pgetl$;
-CREATE OR REPLACE FUNCTION ` + sch + `.claim(p_job text, p_owner text, p_lease interval, p_takeover bool, p_restart bool)
-	RETURNS TABLE (seq bigint, cursor text, rows bigint, rejects bigint, updated_at timestamptz, finished bool, prev_owner text)
+DROP FUNCTION IF EXISTS ` + sch + `.claim(text, text, interval, bool, bool);
+CREATE OR REPLACE FUNCTION ` + sch + `.claim(p_job text, p_owner text, p_lease interval, p_takeover bool, p_restart bool,
+	p_continue bool, p_marker text)
+	RETURNS TABLE (seq bigint, cursor text, rows bigint, rejects bigint, updated_at timestamptz, finished bool, prev_owner text, run bigint)
 	LANGUAGE plpgsql AS $pgetl$
 DECLARE
 	c ` + sch + `.checkpoint;
 BEGIN
+	IF coalesce(obj_description(to_regprocedure(` + quoteLiteral(sch+".advance(text,text,bigint,text,bigint,bigint,interval,bigint)") + `), 'pg_proc'), '') <> p_marker
+		OR to_regclass(` + quoteLiteral(sch+".reject") + `) IS NULL THEN
+		RAISE EXCEPTION 'pgetl: checkpoint objects in schema % are not at %', ` + quoteLiteral(sch) + `, p_marker USING ERRCODE = 'PGF06';
+	END IF;
 	INSERT INTO ` + sch + `.checkpoint AS t (job) VALUES (p_job) ON CONFLICT (job) DO NOTHING;
 	SELECT * INTO c FROM ` + sch + `.checkpoint t WHERE t.job = p_job FOR UPDATE;
 	IF c.owner IS NOT NULL AND coalesce(c.lease_until > now(), false) AND NOT p_takeover THEN
 		RAISE EXCEPTION 'pgetl: job % is claimed by owner % (lease until %)', p_job, c.owner, c.lease_until USING ERRCODE = 'PGF04';
 	END IF;
-	IF c.finished_at IS NOT NULL AND NOT p_restart THEN
+	IF c.finished_at IS NOT NULL AND NOT p_restart AND NOT p_continue THEN
 		RAISE EXCEPTION 'pgetl: job % is finished', p_job USING ERRCODE = 'PGF05';
 	END IF;
 	IF p_restart THEN
 		UPDATE ` + sch + `.checkpoint t SET owner = p_owner, lease_until = now() + p_lease, cursor = NULL, rows = 0, rejects = 0,
-			finished_at = NULL WHERE t.job = p_job;
-		RETURN QUERY SELECT c.seq, NULL::text, 0::bigint, 0::bigint, c.updated_at, false, c.owner;
+			finished_at = NULL, run = 1 WHERE t.job = p_job;
+		RETURN QUERY SELECT c.seq, NULL::text, 0::bigint, 0::bigint, c.updated_at, false, c.owner, 1::bigint;
+	ELSIF c.finished_at IS NOT NULL THEN
+		-- p_continue: the job's next run, after the last run's cursor.
+		UPDATE ` + sch + `.checkpoint t SET owner = p_owner, lease_until = now() + p_lease, finished_at = NULL,
+			run = t.run + 1 WHERE t.job = p_job;
+		RETURN QUERY SELECT c.seq, c.cursor, c.rows, c.rejects, c.updated_at, false, c.owner, c.run + 1;
 	ELSE
 		UPDATE ` + sch + `.checkpoint t SET owner = p_owner, lease_until = now() + p_lease WHERE t.job = p_job;
-		RETURN QUERY SELECT c.seq, c.cursor, c.rows, c.rejects, c.updated_at, c.finished_at IS NOT NULL, c.owner;
+		RETURN QUERY SELECT c.seq, c.cursor, c.rows, c.rejects, c.updated_at, false, c.owner, c.run;
 	END IF;
 END
 $pgetl$;
@@ -170,35 +182,40 @@ const (
 	codeCheckpointGap    = "PGF03" // advance: the checkpoint is behind the batch before this one
 	codeClaimed          = "PGF04" // claim: another session's lease is live
 	codeFinished         = "PGF05" // claim: the job is finished
+	codeSchemaVersion    = "PGF06" // claim: the checkpoint objects are of another version
 	codeRowsMismatch     = "PGK01" // expect_rows: an upsert's key cache was stale
 )
 
-// claim takes the job for this session, in one round trip (the claim function).
+// claim takes the job for this session: one round trip when the checkpoint objects
+// are current (the claim function checks their version), else setup's and a second
+// claim's besides. The statements run in QueryExecModeExec (parse, bind and execute
+// in one message, no prepared statement), which also works behind a transaction
+// pooler; updated_at travels as microseconds since the epoch, so that its text form
+// (DateStyle) does not matter.
 func (s *Session) claim(ctx context.Context) error {
 	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
-	cp := Checkpoint{Job: s.cfg.Job}
-	var cursor, prev *string
-	err := s.pool.QueryRow(ctx, `SELECT seq, cursor, rows, rejects, updated_at, finished, prev_owner FROM `+s.schema+
-		`.claim($1, $2, $3::interval, $4, $5)`, s.cfg.Job, s.owner, s.cfg.Lease, s.cfg.Takeover, s.cfg.Restart).
-		Scan(&cp.Seq, &cursor, &cp.Rows, &cp.Rejects, &cp.UpdatedAt, &cp.Finished, &prev)
+	cp, prev, err := s.claimOnce(ctx)
+	if pg := pgErrorOf(err); pg != nil && needsSetup(pg.Code) {
+		if err := s.setup(ctx, err); err != nil {
+			return err
+		}
+		cp, prev, err = s.claimOnce(ctx)
+	}
 	if pg := pgErrorOf(err); pg != nil {
 		switch pg.Code {
 		case codeClaimed:
 			return fmt.Errorf("%w: job %q (%s; wait for the lease to expire or set Takeover)", ErrJobClaimed, s.cfg.Job, strings.TrimPrefix(pg.Message, "pgetl: "))
 		case codeFinished:
-			return fmt.Errorf("%w: job %q (set Restart to run it again)", ErrJobFinished, s.cfg.Job)
+			return fmt.Errorf("%w: job %q (set Restart to run it again, or Incremental to continue after its last cursor)", ErrJobFinished, s.cfg.Job)
 		}
 	}
 	if err != nil {
 		return fmt.Errorf("pgetl: claim job %q: %w", s.cfg.Job, err)
 	}
-	if cursor != nil {
-		cp.Cursor = *cursor
-	}
 	s.cp = cp
 	s.nextRow.Store(cp.Rows + cp.Rejects)
-	attrs := []any{"job", s.cfg.Job, "seq", cp.Seq, "rows", cp.Rows, "rejects", cp.Rejects}
+	attrs := []any{"job", s.cfg.Job, "run", cp.Run, "seq", cp.Seq, "rows", cp.Rows, "rejects", cp.Rejects}
 	switch {
 	case s.cfg.Restart:
 		attrs = append(attrs, "restart", true)
@@ -212,6 +229,36 @@ func (s *Session) claim(ctx context.Context) error {
 	return nil
 }
 
+// needsSetup reports whether a claim that failed with SQLSTATE code found the
+// checkpoint objects missing (schema, table, type or function) or of another version.
+func needsSetup(code string) bool {
+	switch code {
+	case codeSchemaVersion,
+		"42883", // undefined_function: no claim function, or one of an older signature
+		"42P01", // undefined_table
+		"3F000", // invalid_schema_name
+		"42704": // undefined_object (the checkpoint row type)
+		return true
+	}
+	return false
+}
+
+// claimOnce runs the claim function once.
+func (s *Session) claimOnce(ctx context.Context) (cp Checkpoint, prev *string, err error) {
+	cp = Checkpoint{Job: s.cfg.Job}
+	var cursor *string
+	var updated int64
+	err = s.pool.QueryRow(ctx, `SELECT seq, cursor, rows, rejects, (extract(epoch FROM updated_at) * 1000000)::int8, finished, prev_owner, run FROM `+
+		s.schema+`.claim($1::text, $2::text, $3::int8 * interval '1 millisecond', $4::bool, $5::bool, $6::bool, $7::text)`,
+		pgx.QueryExecModeExec, s.cfg.Job, s.owner, s.cfg.Lease.Milliseconds(), s.cfg.Takeover, s.cfg.Restart, s.cfg.Incremental, schemaMarker).
+		Scan(&cp.Seq, &cursor, &cp.Rows, &cp.Rejects, &updated, &cp.Finished, &prev, &cp.Run)
+	if cursor != nil {
+		cp.Cursor = *cursor
+	}
+	cp.UpdatedAt = time.UnixMicro(updated)
+	return cp, prev, err
+}
+
 // checkpointRow is the checkpoint row of a job as the database holds it.
 type checkpointRow struct {
 	Checkpoint
@@ -221,17 +268,21 @@ type checkpointRow struct {
 
 // readCheckpoint is the one reader of a job's checkpoint row. With lock, it reads
 // FOR UPDATE, which waits for a transaction still holding the row (a batch in flight
-// or an abandoned one being ended), so the answer is final.
+// or an abandoned one being ended), so the answer is final. It runs in one round trip
+// (QueryExecModeExec), and reads a checkpoint table of schema version 2 too (no run
+// column: run 1), as ReadCheckpoint may run before any session migrated it.
 func readCheckpoint(ctx context.Context, db interface {
 	QueryRow(context.Context, string, ...any) pgx.Row
 }, schema, job string, lock bool) (checkpointRow, error) {
 	row := checkpointRow{Checkpoint: Checkpoint{Job: job}}
-	q := `SELECT seq, cursor, rows, rejects, updated_at, finished_at IS NOT NULL, owner FROM ` + schema + `.checkpoint WHERE job = $1`
+	q := `SELECT seq, cursor, rows, rejects, (extract(epoch FROM updated_at) * 1000000)::int8, finished_at IS NOT NULL, owner,
+		coalesce((to_jsonb(c) ->> 'run')::int8, 1) FROM ` + schema + `.checkpoint c WHERE job = $1::text`
 	if lock {
 		q += " FOR UPDATE"
 	}
 	var cursor, owner *string
-	err := db.QueryRow(ctx, q, job).Scan(&row.Seq, &cursor, &row.Rows, &row.Rejects, &row.UpdatedAt, &row.Finished, &owner)
+	var updated int64
+	err := db.QueryRow(ctx, q, pgx.QueryExecModeExec, job).Scan(&row.Seq, &cursor, &row.Rows, &row.Rejects, &updated, &row.Finished, &owner, &row.Run)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return row, nil
 	}
@@ -239,6 +290,7 @@ func readCheckpoint(ctx context.Context, db interface {
 		return row, fmt.Errorf("pgetl: read checkpoint of job %q: %w", job, err)
 	}
 	row.Found = true
+	row.UpdatedAt = time.UnixMicro(updated)
 	if cursor != nil {
 		row.Cursor = *cursor
 	}
@@ -288,8 +340,8 @@ func (r *leaseRenewer) run() {
 		case <-t.C:
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), s.cfg.Lease/3)
-		tag, err := s.pool.Exec(ctx, `UPDATE `+s.schema+`.checkpoint SET lease_until = now() + $3::interval
-			WHERE job = $1 AND owner = $2`, s.cfg.Job, s.owner, s.cfg.Lease)
+		tag, err := s.pool.Exec(ctx, `UPDATE `+s.schema+`.checkpoint SET lease_until = now() + $3::int8 * interval '1 millisecond'
+			WHERE job = $1::text AND owner = $2::text`, pgx.QueryExecModeExec, s.cfg.Job, s.owner, s.cfg.Lease.Milliseconds())
 		cancel()
 		switch {
 		case err != nil:
@@ -365,8 +417,9 @@ func (s *Session) Finish(ctx context.Context) error {
 	if err := s.usable(); err != nil {
 		return err
 	}
+	// One round trip: QueryExecModeExec, no prepared statement.
 	tag, err := s.pool.Exec(ctx, `UPDATE `+s.schema+`.checkpoint SET finished_at = now(), updated_at = now()
-		WHERE job = $1 AND owner = $2`, s.cfg.Job, s.owner)
+		WHERE job = $1::text AND owner = $2::text`, pgx.QueryExecModeExec, s.cfg.Job, s.owner)
 	if err != nil {
 		return fmt.Errorf("pgetl: finish job %q: %w", s.cfg.Job, err)
 	}

@@ -93,7 +93,7 @@ func TestSchemaMigratesFromVersion1(t *testing.T) {
 	defer s.Close(ctx)
 	cp, err := s.Checkpoint(ctx)
 	require.NoError(t, err)
-	require.Equal(t, Checkpoint{Job: "old", Seq: 7, Cursor: "700", Rows: 700, UpdatedAt: cp.UpdatedAt}, cp)
+	require.Equal(t, Checkpoint{Job: "old", Seq: 7, Cursor: "700", Rows: 700, UpdatedAt: cp.UpdatedAt, Run: 1}, cp)
 	var marker string
 	require.NoError(t, db.Pool.QueryRow(ctx, "SELECT obj_description(to_regprocedure($1), 'pg_proc')",
 		sch+".advance(text,text,bigint,text,bigint,bigint,interval,bigint)").Scan(&marker))

@@ -45,9 +45,22 @@ type SessionConfig struct {
 	// created on first use. Defaults to CheckpointSchemaDefault.
 	CheckpointSchema string
 
-	// Restart starts the job over: its checkpoint cursor and counts are reset, also
-	// for a job marked finished. Without it a finished job returns ErrJobFinished.
+	// Restart starts the job over: its checkpoint cursor and counts are reset (and
+	// its run counter to 1), also for a job marked finished. Without it (and without
+	// Incremental) a finished job returns ErrJobFinished. It takes precedence over
+	// Incremental.
 	Restart bool
+
+	// Incremental lets a finished job run again and continue where its last run
+	// ended, for a source with a monotonic cursor (an updated_at, an id, an API's
+	// "since" token): a session claiming a job that Finish marked done starts the
+	// job's next run (Checkpoint.Run is incremented) instead of returning
+	// ErrJobFinished, with the last run's cursor, sequence and counts kept, so the
+	// job reads the source after Checkpoint().Cursor and loads only what is new.
+	// An unfinished job (a run that crashed or stopped before Finish) resumes in its
+	// run, as without the option. Batches stay exactly-once across runs: a run's
+	// batches continue the job's sequence and pass the same fence. Defaults to false.
+	Incremental bool
 
 	// Takeover claims the job even if another session's lease has not expired (use
 	// it when that session is known to be dead). The other session is fenced: its
@@ -224,10 +237,7 @@ func NewSession(ctx context.Context, pool *pgxpool.Pool, cfg SessionConfig) (*Se
 		s.cfg.beforeCommit = fn
 	}
 	s.stat.retries = map[string]int64{}
-	if err := s.setup(ctx); err != nil {
-		return nil, err
-	}
-	if err := s.claim(ctx); err != nil {
+	if err := s.claim(ctx); err != nil { // creates or migrates the checkpoint objects if need be
 		return nil, err
 	}
 	s.lease = newLeaseRenewer(s)
@@ -273,8 +283,9 @@ func (s *Session) close(ctx context.Context) error {
 	s.mu.Unlock()
 	s.commitMu.Unlock()
 	s.lease.Stop()
+	// One round trip: QueryExecModeExec, no prepared statement.
 	_, err := s.pool.Exec(ctx, `UPDATE `+s.schema+`.checkpoint SET owner = NULL, lease_until = NULL
-		WHERE job = $1 AND owner = $2`, s.cfg.Job, s.owner)
+		WHERE job = $1::text AND owner = $2::text`, pgx.QueryExecModeExec, s.cfg.Job, s.owner)
 	if err != nil {
 		errs = append(errs, fmt.Errorf("pgetl: release job %q: %w", s.cfg.Job, err))
 	}
