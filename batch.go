@@ -470,7 +470,7 @@ func (b *BatchSession) Add(ctx context.Context, cursor string, values ...any) er
 	// commits (their rejects and the checkpoint) like any other.
 	bt.seen++
 	bt.last = &cursor
-	full := bt.seen >= int64(b.limit) || len(bt.buf)+bt.extra >= b.cfg.CommitBytes
+	full := b.fill(bt) >= int64(b.limit) || len(bt.buf)+bt.extra >= b.cfg.CommitBytes
 	if full && b.limit < b.cfg.CommitRows {
 		b.limit = min(2*b.limit, b.cfg.CommitRows)
 	}

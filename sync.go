@@ -427,6 +427,23 @@ func canonNumerics(tuple []byte, cols []int, dst []byte) []byte {
 	return dst
 }
 
+// syncUnchangedWeight is how many unchanged rows of a sync weigh as much as one
+// row sent, in a batch's size against CommitRows: an unchanged row costs the batch
+// only its 8-byte key hash, so a re-sync that changes little commits a few large
+// batches rather than many whose fixed costs (a transaction, a commit's WAL flush)
+// would be most of its work. CommitInterval still bounds the time between commits.
+const syncUnchangedWeight = 8
+
+// fill returns how full bt is, in rows, against the batch size. Caller must hold
+// mu.
+func (b *BatchSession) fill(bt *batch) int64 {
+	if b.sync == nil {
+		return bt.seen
+	}
+	u := bt.sync.unchanged
+	return bt.seen - u + (u+syncUnchangedWeight-1)/syncUnchangedWeight
+}
+
 // syncRefused records the key of a row Add refused (a value its column cannot
 // take) as seen, if the key's values encode: the row is in the source, so the
 // sweep must not delete it. Caller must hold mu.
