@@ -225,3 +225,43 @@ func TestSyncInDoubt(t *testing.T) {
 	require.Equal(t, int64(30), res.Deleted)
 	require.Equal(t, int64(3000-300-30), st.Unchanged())
 }
+
+// TestSyncRejects: rows refused by Add (a value its column cannot take) and by the
+// server (a NOT NULL violation, isolated in the batch's transaction) are in the
+// source: the sweep keeps their rows, and deletes only the missing ones.
+func TestSyncRejects(t *testing.T) {
+	t.Parallel()
+	db := pgtest.New(t)
+	loadProducts(t, db, 1000)
+	ctx := context.Background()
+	s, err := NewSession(ctx, db.Pool, SessionConfig{Job: "syncrej", CheckpointSchema: db.Schema})
+	require.NoError(t, err)
+	defer s.Close(ctx)
+	b, err := s.Batch(ctx, BatchConfig{Table: db.Schema + ".products", Columns: workload.Columns, Key: []string{"sku"},
+		Sync: &SyncConfig{}, Rejects: RejectToTable, CommitRows: 300})
+	require.NoError(t, err)
+	for i := int64(1); i <= 1000; i++ {
+		if i%100 == 99 {
+			continue // missing: 10 rows
+		}
+		vals := workload.Row(i, workload.SyncVersion(i, 2, 10)).Values()
+		switch i {
+		case 500:
+			vals[1] = nil // NOT NULL: the server refuses the row
+		case 700:
+			vals[3] = "lots" // not an int: Add refuses the row
+		}
+		require.NoError(t, b.Add(ctx, strconv.FormatInt(i, 10), vals...))
+	}
+	res, err := b.Sweep(ctx)
+	require.NoError(t, err)
+	require.NoError(t, b.Close(ctx))
+	require.Equal(t, int64(10), res.Deleted)
+	st := s.Stat()
+	require.Equal(t, int64(2), st.Rejects())
+	require.Equal(t, int64(100-2), st.Updated(), "every 10th row changed, less the two rejected")
+	require.Equal(t, int64(990), db.Int(t, "SELECT count(*) FROM "+db.Ident("products")))
+	// The rejected rows keep their version 1.
+	require.Equal(t, int64(2), db.Int(t, "SELECT count(*) FROM "+db.Ident("products")+" WHERE sku IN ($1, $2) AND name LIKE '% v1'",
+		workload.SKU(500), workload.SKU(700)))
+}
