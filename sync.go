@@ -39,8 +39,8 @@ var ErrTooManyDeletes = errors.New("pgetl: sync: too many rows missing from the 
 //     server's binary COPY sends them, which is what Add encodes). A row whose
 //     hash equals its key's is counted as unchanged and not sent; changed and new
 //     rows are merged as any upsert. Hashes change only when a batch commits (in
-//     doubt included). The cache takes 21 to 43 bytes per key (about 27 at 10M
-//     keys), whatever the key's length.
+//     doubt included). The cache takes 32 to 64 bytes per key (40 at 10M keys),
+//     whatever the key's length.
 //   - Each batch also commits the keys of all its rows, unchanged ones included,
 //     in the sync's seen set (<CheckpointSchema>.sync_seen), so a run killed and
 //     rerun remembers the rows read before its cursor.
@@ -213,15 +213,22 @@ func (b *BatchSession) preloadHashes(ctx context.Context) (*rowHashes, error) {
 			keyCols = append(keyCols, i)
 		}
 	}
-	var key []byte
-	sql := "COPY (SELECT " + b.cols + " FROM " + b.table + ") TO STDOUT (FORMAT binary)"
+	var key, row []byte
+	// The row's ctid first: where Sweep will find it (it is not hashed).
+	sql := "COPY (SELECT ctid, " + b.cols + " FROM " + b.table + ") TO STDOUT (FORMAT binary)"
 	err := b.copyOut(ctx, sql, func(tuple []byte) error {
+		if len(tuple) < 12 || binary.BigEndian.Uint32(tuple[2:]) != 6 {
+			return errors.New("pgetl: unexpected ctid in the binary COPY stream")
+		}
+		loc := packTID(tuple[6:12])
+		row = binary.BigEndian.AppendUint16(row[:0], uint16(len(b.cfg.Columns)))
+		row = append(row, tuple[12:]...)
 		var null bool
-		key, null = tupleKey(tuple, keyCols, key[:0])
+		key, null = tupleKey(row, keyCols, key[:0])
 		if null {
 			return nil // never matched, never swept
 		}
-		t.set(keyHash(key), rowHash(tuple)) // no reader yet: no lock needed
+		t.put(keyHash(key), rowHash(row), loc) // no reader yet: no lock needed
 		return nil
 	})
 	if err != nil {
@@ -338,6 +345,32 @@ func tupleKey(tuple []byte, cols []int, dst []byte) (key []byte, null bool) {
 		p, c = end, c+1
 	}
 	return dst, null
+}
+
+// packTID packs a tid's binary form (block uint32, offset uint16) into a nonzero
+// uint64.
+func packTID(b []byte) uint64 {
+	return (uint64(binary.BigEndian.Uint32(b))<<16 | uint64(binary.BigEndian.Uint16(b[4:]))) + 1
+}
+
+// tidArray returns the text form of an array of the tids packed in locs.
+func tidArray(locs []uint64) string {
+	var q strings.Builder
+	q.Grow(16 * len(locs))
+	q.WriteByte('{')
+	for i, l := range locs {
+		if i > 0 {
+			q.WriteByte(',')
+		}
+		l--
+		q.WriteString(`"(`)
+		q.WriteString(strconv.FormatUint(l>>16, 10))
+		q.WriteByte(',')
+		q.WriteString(strconv.FormatUint(l&0xffff, 10))
+		q.WriteString(`)"`)
+	}
+	q.WriteByte('}')
+	return q.String()
 }
 
 // bytesOf returns the bytes of s without copying them (read only).
@@ -615,8 +648,8 @@ func (b *BatchSession) Sweep(ctx context.Context) (SweepResult, error) {
 	var chunk []byte
 	var nMissing, inChunk int64
 	var kb []byte
-	err = b.copyOut(ctx, "COPY (SELECT "+keySel+" FROM "+b.table+where+") TO STDOUT (FORMAT binary)", func(tuple []byte) error {
-		res.Table++
+	// keep keeps a key tuple of a row to delete if its key was not seen.
+	keep := func(tuple []byte) error {
 		var null bool
 		if kb, null = tupleKey(tuple, all, kb[:0]); null {
 			return nil
@@ -630,9 +663,33 @@ func (b *BatchSession) Sweep(ctx context.Context) (SweepResult, error) {
 			missing, chunk, inChunk = append(missing, chunk), nil, 0
 		}
 		return nil
-	})
-	if err != nil {
-		return res, fmt.Errorf("pgetl: sweep: read the keys of %s: %w", b.cfg.Table, err)
+	}
+	if st.markIx < 0 {
+		// The rows the preload found whose key was not seen: fetch their keys by
+		// ctid (a TID scan), not by reading the table again. A fetched row whose
+		// key was seen (the place was reused) is skipped; a row moved since the
+		// preload (another writer updated it) is left for the next sync.
+		locs, n := t.unseen()
+		res.Table = int64(t.len())
+		if st.cfg.MaxDeleteRatio < 1 && float64(int64(n)+res.DeletedAlready) > st.cfg.MaxDeleteRatio*float64(res.Table+res.DeletedAlready) {
+			nMissing = int64(n)
+		} else {
+			for p := 0; p < len(locs); p += st.cfg.SweepRows {
+				err = b.copyOut(ctx, "COPY (SELECT "+keySel+" FROM "+b.table+" WHERE ctid = ANY('"+tidArray(locs[p:min(p+st.cfg.SweepRows, len(locs))])+
+					"'::tid[])) TO STDOUT (FORMAT binary)", keep)
+				if err != nil {
+					return res, fmt.Errorf("pgetl: sweep: read the keys of the rows of %s to delete: %w", b.cfg.Table, err)
+				}
+			}
+		}
+	} else {
+		err = b.copyOut(ctx, "COPY (SELECT "+keySel+" FROM "+b.table+where+") TO STDOUT (FORMAT binary)", func(tuple []byte) error {
+			res.Table++
+			return keep(tuple)
+		})
+		if err != nil {
+			return res, fmt.Errorf("pgetl: sweep: read the keys of %s: %w", b.cfg.Table, err)
+		}
 	}
 	if inChunk > 0 {
 		missing = append(missing, chunk)

@@ -4,14 +4,17 @@ import (
 	"encoding/binary"
 	"math/bits"
 	"sync"
+	"unsafe"
 )
 
 // rowHashes is the key cache of a sync ([BatchConfig.Sync]): for each key of the
 // target table, a 64-bit hash of the key's encoded bytes and a 64-bit hash of the
 // row's encoded tuple (the bytes Add encodes, as the server's binary COPY sends them
-// back). It is an open-addressing table of 16-byte entries (linear probing, at most
-// 3/4 full), so it holds a key in 21 to 43 bytes (not counting the moments it grows),
-// whatever the key's length: 10M keys take 256 MiB.
+// back), and where the preload found the row (its ctid, so that Sweep fetches the
+// keys of the rows to delete without reading the whole table again). It is an
+// open-addressing table of 24-byte entries (linear probing, at most 3/4 full), so it
+// holds a key in 32 to 64 bytes (not counting the moments it grows), whatever the
+// key's length: 10M keys take 384 MiB (40 B/key).
 //
 // The key is not kept, only its hash. Two keys whose hashes collide share one entry;
 // that fails safe: a row hash covers its key's bytes too, so a colliding key never
@@ -32,6 +35,7 @@ type rowHashes struct {
 type hashSlot struct {
 	key uint64 // hash of the key's encoded bytes (never 0 once set)
 	row uint64 // rowHash of the row's tuple, rowDirty, with rowSeen if seen
+	loc uint64 // where the preload found the row (its ctid, see packTID), 0 if unknown
 }
 
 const (
@@ -127,6 +131,29 @@ func (t *rowHashes) set(k, row uint64) bool {
 	return false
 }
 
+// put adds key k with row hash row found at loc (the preload). Caller must hold mu
+// for writing.
+func (t *rowHashes) put(k, row, loc uint64) {
+	t.set(k, row)
+	t.slots[t.find(k)].loc = loc
+}
+
+// unseen returns the locations of the rows held but not seen (at most max of
+// them, if max > 0) and how many such rows there are.
+func (t *rowHashes) unseen() (locs []uint64, n int) {
+	t.mu.RLock()
+	defer t.mu.RUnlock()
+	for _, s := range t.slots {
+		if s.key != 0 && s.row&rowSeen == 0 {
+			n++
+			if s.loc != 0 {
+				locs = append(locs, s.loc)
+			}
+		}
+	}
+	return locs, n
+}
+
 // check looks key k up for a row whose hash is row: if k is held it marks it
 // seen, and reports unchanged if its hash is row, else marks it in flight
 // (rowDirty) until the row's batch commits.
@@ -179,5 +206,5 @@ func (t *rowHashes) len() int {
 func (t *rowHashes) bytes() int64 {
 	t.mu.RLock()
 	defer t.mu.RUnlock()
-	return int64(len(t.slots)) * 16
+	return int64(len(t.slots)) * int64(unsafe.Sizeof(hashSlot{}))
 }
