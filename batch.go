@@ -349,6 +349,11 @@ func (s *Session) Batch(ctx context.Context, cfg BatchConfig) (*BatchSession, er
 		b.pipe = newPipeline(s, inFlight)
 		b.free = make(chan *batch, inFlight+1)
 	}
+	if cfg.Sync != nil {
+		if err := b.checkSync(); err != nil {
+			return nil, err
+		}
+	}
 	if err := b.describe(ctx); err != nil {
 		return nil, err
 	}

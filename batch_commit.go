@@ -209,9 +209,9 @@ func (b *BatchSession) attempt(ctx context.Context, seq int64, n int, bt *batch,
 		}
 		copies, starts, nbytes = append(copies, c2...), append(starts, s2...), nbytes+n2
 	}
-	if cached {
+	if cached && !noRows {
 		q.WriteString(b.sql.update + strconv.Itoa(known) + ");")
-	} else if !noRows {
+	} else if !cached && !noRows {
 		q.WriteString(b.sql.merge)
 	}
 	if !probe && b.sync != nil {

@@ -294,8 +294,8 @@ func (b *BatchSession) staleKey(bt *batch, pg *pgconn.PgError) bool {
 // inserted ones, and existing ones it did not know) to it.
 func (b *BatchSession) publishKeys(bt *batch, sel []int) {
 	kc := b.cfg.KeyCache
-	if kc == nil {
-		return
+	if _, sync := kc.(syncKeys); kc == nil || sync {
+		return // a sync's keys are recorded by syncCommitted
 	}
 	var keys []any
 	for _, i := range sel {

@@ -37,8 +37,10 @@ var ErrTooManyDeletes = errors.New("pgetl: sync: too many rows missing from the 
 //
 //   - Batch preloads a hash of every row of the table (its Columns, as the
 //     server's binary COPY sends them, which is what Add encodes). A row whose
-//     hash equals its key's is counted as unchanged and not sent; changed and new
-//     rows are merged as any upsert. Hashes change only when a batch commits (in
+//     hash equals its key's is counted as unchanged and not sent. With a
+//     single-column Key (and without OnlyChanged), new rows are COPYed into the
+//     table and changed ones updated, the sync's cache serving as the KeyCache;
+//     otherwise they are merged as any upsert. Hashes change only when a batch commits (in
 //     doubt included). The cache takes 32 to 64 bytes per key (40 at 10M keys),
 //     whatever the key's length.
 //   - Each batch also commits the keys of all its rows, unchanged ones included,
@@ -135,15 +137,18 @@ func syncDDL(tbl string) string {
 ALTER TABLE ` + tbl + ` ALTER COLUMN keys SET STORAGE EXTERNAL;`
 }
 
-// setupSync checks cfg.Sync, creates the seen set's table if missing, clears the
-// job's seen set if the run starts afresh, and preloads the row hashes. Called by
-// Batch after describe.
-func (b *BatchSession) setupSync(ctx context.Context) error {
+// checkSync checks BatchConfig.Sync before describe, and with a single-column Key
+// (and without OnlyChanged) gives the batch session the key-cache strategy, the
+// cache being the sync's own: changed rows of known keys are staged and updated,
+// new ones COPYed straight into the table.
+func (b *BatchSession) checkSync() error {
 	cfg := &b.cfg
-	sc := *cfg.Sync
+	sc := cfg.Sync
 	switch {
 	case len(cfg.Key) == 0:
 		return errors.New("pgetl: BatchConfig.Sync needs a Key")
+	case cfg.SQL != "":
+		return errors.New("pgetl: BatchConfig.Sync cannot be combined with SQL")
 	case cfg.KeyCache != nil || cfg.IgnoreExisting || len(cfg.Lookups) > 0:
 		return errors.New("pgetl: BatchConfig.Sync cannot be combined with KeyCache, IgnoreExisting or Lookups")
 	case sc.MaxDeleteRatio < 0 || sc.MaxDeleteRatio > 1:
@@ -151,6 +156,41 @@ func (b *BatchSession) setupSync(ctx context.Context) error {
 	case sc.SweepRows < 0:
 		return fmt.Errorf("pgetl: SyncConfig.SweepRows must not be negative, got %d", sc.SweepRows)
 	}
+	if len(cfg.Key) == 1 && !cfg.OnlyChanged && len(cfg.Columns) > 1 {
+		cfg.KeyCache = syncKeys{b}
+	}
+	return nil
+}
+
+// syncKeys is the KeySet of a sync batch session: the keys its row hashes hold.
+// HasKey is called by Add (for the rows sent), under the batch session's mu.
+type syncKeys struct{ b *BatchSession }
+
+// HasKey reports whether the sync's cache holds key (the key column's value).
+func (k syncKeys) HasKey(key any) bool {
+	b := k.b
+	if b.sync == nil {
+		return false
+	}
+	buf := make([]byte, 4, 32)
+	out, err := b.encodeValue(b.oids[b.keyIx[0]], key, buf)
+	if err != nil || out == nil {
+		return false
+	}
+	binary.BigEndian.PutUint32(out, uint32(len(out)-4))
+	_, held := b.sync.hashes.get(keyHash(out))
+	return held
+}
+
+// AddKeys does nothing: syncCommitted records the keys of committed rows.
+func (syncKeys) AddKeys([]any) {}
+
+// setupSync checks cfg.Sync, creates the seen set's table if missing, clears the
+// job's seen set if the run starts afresh, and preloads the row hashes. Called by
+// Batch after describe.
+func (b *BatchSession) setupSync(ctx context.Context) error {
+	cfg := &b.cfg
+	sc := *cfg.Sync
 	if sc.MaxDeleteRatio == 0 {
 		sc.MaxDeleteRatio = MaxDeleteRatioDefault
 	}

@@ -86,7 +86,7 @@ func benchSync(b *testing.B, n int64) {
 			b.Fatal(err)
 		}
 		bs, err := s.Batch(ctx, BatchConfig{Table: db.Schema + ".products", Columns: workload.Columns, Key: []string{"sku"},
-			OnlyChanged: true, Sync: &SyncConfig{}})
+			Sync: &SyncConfig{}})
 		if err != nil {
 			b.Fatal(err)
 		}

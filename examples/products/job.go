@@ -142,8 +142,13 @@ func (j *job) run(readCtx, jobCtx context.Context, signaled func() os.Signal) in
 		CommitInterval: j.cfg.commitInterval,
 		OnCommitFunc:   j.onCommit,
 	}
-	if j.cfg.mode == "upsert" || j.cfg.mode == "sync" {
+	switch j.cfg.mode {
+	case "upsert":
 		bcfg.Key, bcfg.OnlyChanged = []string{"sku"}, true
+	case "sync":
+		// Only changed rows are sent: new ones are COPYed into the table, changed
+		// ones updated (the sync's own key cache).
+		bcfg.Key = []string{"sku"}
 	}
 	if j.cfg.mode == "sync" {
 		ratio := j.cfg.maxDeleteRatio
