@@ -255,7 +255,7 @@ func TestProductsJob(t *testing.T) {
 		t.Parallel()
 		r := e.run(t, "unused", "-mode", "merge")
 		require.Equal(t, 2, r.code, "%s", r)
-		require.Contains(t, r.stderr, `products: -mode "merge": want upsert or insert`)
+		require.Contains(t, r.stderr, `products: -mode "merge": want upsert, insert or sync`)
 	})
 }
 
