@@ -167,7 +167,7 @@ func (b *BatchSession) attempt(ctx context.Context, seq int64, n int, bt *batch,
 		return outcomeFailed, 0, err
 	}
 	defer release()
-	ctx, tr := s.traceStart(ctx, conn.Conn(), map[bool]string{false: "batch", true: "batch probe"}[probe], seq, n, len(sel), len(rejects))
+	ctx, tr := s.traceStart(ctx, conn.Conn(), attemptKind(probe), seq, n, len(sel), len(rejects))
 	defer func() { tr.end(outcomeTag(out, probe), err) }()
 	pgc := conn.Conn().PgConn()
 	if s.cfg.beforeCommit != nil && !probe {

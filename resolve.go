@@ -45,7 +45,7 @@ func (s *Session) resolve(ctx context.Context, seq int64) (committed bool, err e
 	}
 	defer conn.Release()
 	ctx, tr := s.traceStart(ctx, conn.Conn(), "resolve in-doubt", seq, -1, -1, -1)
-	defer func() { tr.end(map[bool]string{true: "committed", false: "not committed"}[committed], err) }()
+	defer func() { tr.end(resolvedTag(committed), err) }()
 	app := s.appName(seq)
 	_, _ = conn.Exec(ctx, `SELECT pg_terminate_backend(pid) FROM pg_stat_activity
 		WHERE application_name = $1 AND pid <> pg_backend_pid()`, app)

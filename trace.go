@@ -100,3 +100,19 @@ func outcomeTag(out commitOutcome, probe bool) string {
 	}
 	return "COMMIT"
 }
+
+// attemptKind names a batch attempt in its trace.
+func attemptKind(probe bool) string {
+	if probe {
+		return "batch probe"
+	}
+	return "batch"
+}
+
+// resolvedTag is the command tag traced for an in-doubt resolution.
+func resolvedTag(committed bool) string {
+	if committed {
+		return "committed"
+	}
+	return "not committed"
+}
