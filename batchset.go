@@ -730,7 +730,7 @@ func (e *setRowError) Unwrap() error { return e.err }
 // data behind it. It returns what the server reported of the pending rows, the bytes
 // sent, the table rows the fence counted, and the pending rows rejected for an
 // unknown key (LookupOnly, under RejectToTable).
-func (set *BatchSet) attempt(ctx context.Context, seq int64, n int, bt *setBatch, skip map[int64]bool, rejects []Reject, cursor *string) (commitOutcome, []resolved, int64, int64, []Reject, error) {
+func (set *BatchSet) attempt(ctx context.Context, seq int64, n int, bt *setBatch, skip map[int64]bool, rejects []Reject, cursor *string) (out commitOutcome, _ []resolved, _, _ int64, _ []Reject, err error) {
 	s := set.s
 	conn, release, err := s.acquire(ctx)
 	if err != nil {
@@ -757,6 +757,8 @@ func (set *BatchSet) attempt(ctx context.Context, seq int64, n int, bt *setBatch
 			}
 		}
 	}
+	ctx, tr := s.traceStart(ctx, conn.Conn(), "batch", seq, n, int(rows), len(rejects))
+	defer func() { tr.end(outcomeTag(out, false), err) }()
 	q.WriteString(s.advanceSQL(seq, cursor, rows, int64(len(rejects))))
 	for p, b := range set.parts {
 		direct, pend := bt.direct[p], bt.pend[p]

@@ -607,6 +607,7 @@ func (s *Session) committed(seq int64, cursor *string, rows, rejects, bytes int6
 // OnCommitFunc. Called in batch order.
 func (s *Session) batchCommitted(seq int64, cursor *string, rows int64, rejects []Reject, sent int64, t0 time.Time, onCommit func(BatchResult)) {
 	s.committed(seq, cursor, rows, int64(len(rejects)), sent)
+	s.rejLog.log(s.log, s.cfg.Job, seq, rejects)
 	d := time.Since(t0)
 	s.mu.Lock()
 	s.stat.flushNanos += int64(d)

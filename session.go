@@ -88,7 +88,10 @@ type SessionConfig struct {
 	// Retry bounds the retries of transient failures.
 	Retry RetryPolicy
 
-	// Logger receives retries, in-doubt resolutions and fencing. Nil is silent.
+	// Logger receives the job's start and finish (Info), retries, unresolved
+	// in-doubt commits, lease failures and each reject (Warn; rejects are
+	// rate-limited, see RejectLogBurst), resolved in-doubt commits (Info) and each
+	// committed batch (Debug). Nil is silent.
 	Logger *slog.Logger
 
 	// OnRetryFunc, if set, is called before each retry of a failed attempt.
@@ -208,6 +211,8 @@ type Session struct {
 	closeErr  error
 
 	lease *leaseRenewer
+
+	rejLog rejectLog // the Warn per reject, rate-limited
 }
 
 // NewSession claims the job cfg.Job and returns its session. It creates the
@@ -283,6 +288,7 @@ func (s *Session) close(ctx context.Context) error {
 	s.mu.Unlock()
 	s.commitMu.Unlock()
 	s.lease.Stop()
+	s.rejLog.flush(s.log, s.cfg.Job)
 	// One round trip: QueryExecModeExec, no prepared statement.
 	_, err := s.pool.Exec(ctx, `UPDATE `+s.schema+`.checkpoint SET owner = NULL, lease_until = NULL
 		WHERE job = $1::text AND owner = $2::text`, pgx.QueryExecModeExec, s.cfg.Job, s.owner)

@@ -99,6 +99,8 @@ func (s *Session) txAttempt(ctx context.Context, seq int64, n int, opts pgx.TxOp
 		return outcomeFailed, nil, err, nil
 	}
 	defer release()
+	ctx, tr := s.traceStart(ctx, conn.Conn(), "tx", seq, n, -1, -1)
+	defer func() { tr.end(outcomeTag(out, false), errors.Join(err, fnErr)) }()
 	tx, err := conn.BeginTx(ctx, opts)
 	if err != nil {
 		return outcomeFailed, nil, err, nil
