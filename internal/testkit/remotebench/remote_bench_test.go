@@ -307,11 +307,10 @@ func seedRows(rtt time.Duration) int64 {
 	return 25 * min(160, max(4, int64(budget/per25)))
 }
 
-// result is one measurement of the summary table: rows/s and the ratios to psql
-// \copy and to CopyFrom in one transaction over the same link (0: not measured).
+// result is one measurement of the summary table.
 type result struct {
-	rate, xPSQL, xCopy float64
-	rows               int64
+	rate float64
+	rows int64
 }
 
 // linkInfo is what the summary says about a link.
@@ -363,16 +362,13 @@ func BenchmarkRemote(b *testing.B) {
 			fresh := func() { freshTable(b, db); l.warm(b, poolConns) }
 			var copyRate, psqlRate float64
 			report := func(b *testing.B, name string, rate float64, rows int64) {
-				r := result{rate: rate, rows: rows}
 				if psqlRate > 0 {
-					r.xPSQL = rate / psqlRate
-					b.ReportMetric(r.xPSQL, "x_psql")
+					b.ReportMetric(rate/psqlRate, "x_psql")
 				}
 				if copyRate > 0 {
-					r.xCopy = rate / copyRate
-					b.ReportMetric(r.xCopy, "x_copy")
+					b.ReportMetric(rate/copyRate, "x_copy")
 				}
-				record(rttName+"/"+name, r)
+				record(rttName+"/"+name, result{rate: rate, rows: rows})
 			}
 
 			b.Run("psql_copy", func(b *testing.B) {
@@ -463,7 +459,10 @@ func BenchmarkRemote(b *testing.B) {
 }
 
 // summary formats the results as a table: one line per load, one column per
-// InFlight value holding rows/s and, in brackets, x_psql / x_copy.
+// InFlight value holding rows/s and, in brackets, x_psql / x_copy, computed here
+// from the same round trip's baselines (so the baselines' own lines show their
+// ratio to each other). The last line compares the default insert at 10 ms with
+// the seed pattern.
 func summary(n int64, names []string, results map[string]result, measured map[time.Duration]linkInfo) string {
 	var sb strings.Builder
 	fmt.Fprintf(&sb, "pgetl over a distant link, %d product rows; cells: rows/s (x_psql / x_copy), the ratios to psql \\copy and to CopyFrom in one transaction over the same link\n", n)
@@ -478,12 +477,14 @@ func summary(n int64, names []string, results map[string]result, measured map[ti
 		fmt.Fprintf(&sb, " %24s", fmt.Sprintf("K=%d", k))
 	}
 	sb.WriteString("\n")
-	cell := func(r result) string {
-		s := fmt.Sprintf("%.0f", r.rate)
-		if r.xPSQL > 0 || r.xCopy > 0 {
-			s += fmt.Sprintf(" (%.2f / %.2f)", r.xPSQL, r.xCopy)
+	ratio := func(r, base float64) string {
+		switch {
+		case base == 0:
+			return "-"
+		case r/base < 0.01:
+			return fmt.Sprintf("%.4f", r/base)
 		}
-		return s
+		return fmt.Sprintf("%.2f", r/base)
 	}
 	seen := map[string]bool{}
 	for _, name := range names {
@@ -493,6 +494,10 @@ func summary(n int64, names []string, results map[string]result, measured map[ti
 			continue
 		}
 		seen[rtt+"/"+load] = true
+		psql, cp := results[rtt+"/psql_copy"].rate, results[rtt+"/copyfrom_one_tx"].rate
+		cell := func(r result) string {
+			return fmt.Sprintf("%.0f (%s / %s)", r.rate, ratio(r.rate, psql), ratio(r.rate, cp))
+		}
 		fmt.Fprintf(&sb, "%-8s %-22s", strings.TrimPrefix(rtt, "rtt="), load)
 		if !perK {
 			r := results[name]
@@ -511,6 +516,13 @@ func summary(n int64, names []string, results map[string]result, measured map[ti
 			}
 		}
 		sb.WriteString("\n")
+	}
+	if seed, ok := results["rtt=10ms/seed_pattern_commit25"]; ok && seed.rate > 0 {
+		for _, k := range inFlights {
+			if r, ok := results[fmt.Sprintf("rtt=10ms/insert_default/K=%d", k)]; ok {
+				fmt.Fprintf(&sb, "10 ms: insert_default at K=%d is %.0f× the seed pattern\n", k, r.rate/seed.rate)
+			}
+		}
 	}
 	return sb.String()
 }
