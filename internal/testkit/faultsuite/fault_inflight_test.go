@@ -85,7 +85,8 @@ type inflightJob struct {
 func startInflight(t *testing.T, job, schema, table string, pool, admin *pgxpool.Pool, adminURL string) *inflightJob {
 	t.Helper()
 	ctx := context.Background()
-	j := &inflightJob{job: job, schema: schema, table: table, pool: pool, admin: admin, tr: newTrigger(t)}
+	j := &inflightJob{job: job, schema: schema, table: table, pool: pool, admin: admin, tr: newTrigger(t),
+		order: commitOrder{contiguous: true}}
 	hooked := testhook.WithBeforeCommit(ctx, func(_ context.Context, seq int64, attempt int, _ *pgconn.PgConn) {
 		if seq > 0 && seq < int64(len(j.attempts)) {
 			j.attempts[seq].Add(1)
