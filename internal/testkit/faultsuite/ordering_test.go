@@ -141,7 +141,7 @@ func (m *cpMonitor) connErr() {
 func (m *cpMonitor) violate(v string) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	if len(m.violations) < 20 {
+	if len(m.violations) < 5 {
 		m.violations = append(m.violations, v)
 	}
 }
