@@ -155,6 +155,7 @@ func (j *inflightJob) stopFour(t *testing.T) (pgx.Tx, []int64) {
 	t.Helper()
 	ctx := context.Background()
 	j.tr.wait(t, j.res, 30*time.Second)
+	j.mon.waitSample(t)
 	lock, err := j.admin.Begin(ctx)
 	require.NoError(t, err)
 	t.Cleanup(func() { _ = lock.Rollback(context.Background()) })
@@ -176,7 +177,7 @@ func (j *inflightJob) finish(t *testing.T) pgetl.Stat {
 	t.Logf("job ended %v after the fault: err %v; retries %v, failed attempts %d", time.Since(start).Round(time.Millisecond), err, st.Retries(), failedAttempts(st))
 	require.NoError(t, err)
 	j.sampler.Stop()
-	last := j.mon.require(t, 5)
+	last := j.mon.require(t, 3)
 	bd := &bundle{pool: j.admin, table: j.table}
 	bd.requireExactly(t, ifN, ifBad...)
 	cp := requireCheckpoint(t, j.admin, j.schema, j.job, strconv.Itoa(ifN), ifN-int64(len(ifBad)), int64(len(ifBad)))
@@ -255,6 +256,7 @@ func TestFaultInFlightResetCopy(t *testing.T) {
 	bd, px, pool := proxied(t)
 	j := startInflight(t, "inflight-reset-copy", bd.db.Schema, bd.table, pool, bd.db.Pool, bd.db.URL)
 	j.tr.wait(t, j.res, 30*time.Second)
+	j.mon.waitSample(t)
 	// Batch 12 holds its connection, not yet sent; the three after it are sent and
 	// wait at their fences on the server.
 	seqs := j.waitActive(t, ifK-1, func(seqs []int64) bool { return seqs[0] == ifTarget+1 })

@@ -192,6 +192,17 @@ func (m *cpMonitor) isBad(i int64) bool {
 	return false
 }
 
+// waitSample waits until the monitor has taken a sample (of a claimed job), so that
+// a test can be sure it samples while the job runs.
+func (m *cpMonitor) waitSample(t *testing.T) {
+	t.Helper()
+	require.True(t, poll(t, 30*time.Second, func() bool {
+		m.mu.Lock()
+		defer m.mu.Unlock()
+		return m.samples > 0
+	}), "the checkpoint monitor took no sample")
+}
+
 // stop stops sampling and waits for the monitor's goroutine. Idempotent.
 func (m *cpMonitor) stop() {
 	select {
