@@ -407,9 +407,10 @@ func ReadCheckpoint(ctx context.Context, db interface {
 	return row.Checkpoint, err
 }
 
-// Finish marks the job finished: a later NewSession for it returns ErrJobFinished
-// unless SessionConfig.Restart is set. Call it after the last batch is committed
-// (BatchSession.Close) and before Close.
+// Finish marks the job finished (one round trip): a later NewSession for it returns
+// ErrJobFinished unless SessionConfig.Restart is set (start over) or
+// SessionConfig.Incremental (its next run, after the last cursor). Call it after the
+// last batch is committed (BatchSession.Close) and before Close.
 func (s *Session) Finish(ctx context.Context) error {
 	s.commitMu.Lock()
 	defer s.commitMu.Unlock()
