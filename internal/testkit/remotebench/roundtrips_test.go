@@ -2,6 +2,7 @@ package remotebench_test
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net"
 	"strconv"
@@ -194,6 +195,18 @@ func TestRoundTrips(t *testing.T) {
 	require.EqualValues(t, 100, keys.Stat().Len())
 	measure("Session.Finish", func() error { return s.Finish(ctx) })
 	measure("Session.Close", func() error { return s.Close(ctx) })
+	// The job's next run (SessionConfig.Incremental): the same one claim.
+	measure("NewSession, the next incremental run", func() error {
+		next, err := pgetl.NewSession(ctx, pool, pgetl.SessionConfig{Job: "roundtrips", CheckpointSchema: db.Schema, Incremental: true})
+		if err != nil {
+			return err
+		}
+		cp, err := next.Checkpoint(ctx)
+		if err == nil && (cp.Run != 2 || cp.Cursor != "3000") {
+			err = fmt.Errorf("next run: got run %d after cursor %q, want run 2 after 3000", cp.Run, cp.Cursor)
+		}
+		return errors.Join(err, next.Close(ctx))
+	})
 
 	var cnt int64
 	require.NoError(t, db.Pool.QueryRow(ctx, "SELECT count(*) FROM products").Scan(&cnt))
@@ -227,6 +240,7 @@ func TestRoundTrips(t *testing.T) {
 		"Cache.Preload, 100 rows":                          1,
 		"Session.Finish":                                   1,
 		"Session.Close":                                    1,
+		"NewSession, the next incremental run":             2, // its claim, and its Close
 	}
 	var sb strings.Builder
 	fmt.Fprintf(&sb, "request→reply turns through a proxy adding %v per round trip (fresh pool; connection set-up = %d turn per connection opened):\n", rtt, connectTurns)
