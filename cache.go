@@ -440,7 +440,8 @@ func (c *Cache[K, V]) Stat() CacheStat {
 // page may use another connection) and a huge table never sits in memory at once.
 // Each page is one round trip: it runs in [pgx.QueryExecModeExec] (no prepared
 // statement; parameters and results in text form, which every type pgx knows
-// decodes as it does the binary form), also on a connection that would prepare it.
+// decodes as it does the binary form, date and time values given the server's
+// default DateStyle ISO), also on a connection that would prepare it.
 // Rows changed while it runs may be read in either state; rows inserted behind the
 // current page are missed (later lookups of them miss and go to the database). Preload
 // stops early, without error, when the memory budget is exhausted
