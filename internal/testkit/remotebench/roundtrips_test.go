@@ -193,6 +193,13 @@ func TestRoundTrips(t *testing.T) {
 		return keys.Preload(ctx, pool, pgetl.Lookup{Table: db.Qualified("skus"), Key: "sku", Value: "id"})
 	})
 	require.EqualValues(t, 100, keys.Stat().Len())
+	paged, err := pgetl.NewCache[string, int64](pgetl.CacheConfig{})
+	require.NoError(t, err)
+	measure("Cache.Preload, 100 rows in 4 pages", func() error {
+		return paged.Preload(ctx, pool, pgetl.Lookup{Table: db.Qualified("skus"), Key: "sku", Value: "id", PageSize: 30})
+	})
+	require.EqualValues(t, 100, paged.Stat().Len())
+	require.EqualValues(t, 4, paged.Stat().PreloadedPages())
 	measure("Session.Finish", func() error { return s.Finish(ctx) })
 	measure("Session.Close", func() error { return s.Close(ctx) })
 	// The job's next run (SessionConfig.Incremental): the same one claim.
@@ -238,6 +245,7 @@ func TestRoundTrips(t *testing.T) {
 		"upsert, next 1,000 rows (1 batch, half exist)":    1,
 		"BatchSession.Close, nothing buffered (upsert)":    0,
 		"Cache.Preload, 100 rows":                          1,
+		"Cache.Preload, 100 rows in 4 pages":               4, // one per page, the next pages' too
 		"Session.Finish":                                   1,
 		"Session.Close":                                    1,
 		"NewSession, the next incremental run":             2, // its claim, and its Close
