@@ -431,7 +431,7 @@ func (s *Session) Finish(ctx context.Context) error {
 	s.cp.Finished = true
 	cp, st := s.cp, s.stat
 	s.mu.Unlock()
-	s.log.Info("pgetl: job finished", "job", s.cfg.Job, "cursor", cp.Cursor, "rows", cp.Rows, "rejects", cp.Rejects,
+	s.log.Info("pgetl: job finished", "job", s.cfg.Job, "run", cp.Run, "cursor", cp.Cursor, "rows", cp.Rows, "rejects", cp.Rejects,
 		"session_rows", st.rows, "session_batches", st.batches, "session_txs", st.txs)
 	return nil
 }
