@@ -10,11 +10,12 @@ import (
 
 // Tx runs fn in a short transaction on a connection acquired for it: BEGIN, the
 // guards (SET LOCAL) and the checkpoint's fence (so the session's fencing and
-// in-doubt resolution cover custom work too) in one round trip, fn, COMMIT, release. After a transient failure
-// the transaction is rolled back and fn is called again on a fresh connection, so fn
-// must do all its work through tx and must not keep effects of a failed attempt. fn
-// must not call tx.Commit or tx.Rollback: return nil to commit, an error to roll back
-// (that error is returned as is).
+// in-doubt resolution cover custom work too) in one round trip, fn, COMMIT,
+// release. After a transient failure the transaction is rolled back and fn is
+// called again on a fresh connection, so fn must do all its work through tx and
+// must not keep effects of a failed attempt. fn must not call tx.Commit or
+// tx.Rollback: return nil to commit, an error to roll back (that error is returned
+// as is).
 //
 // The fence runs before fn, so when a COMMIT whose outcome was unknown did go
 // through, the replay stops at the fence and fn is not run again. It also means fn
@@ -25,7 +26,8 @@ func (s *Session) Tx(ctx context.Context, fn func(pgx.Tx) error) error {
 }
 
 // TxWithOptions is Tx with the transaction's options (isolation level, access mode,
-// deferrable), as pgx's BeginTx takes them.
+// deferrable), as pgx's BeginTx takes them; a BeginQuery replaces the BEGIN of the
+// message that also sends the guards and the fence.
 func (s *Session) TxWithOptions(ctx context.Context, opts pgx.TxOptions, fn func(pgx.Tx) error) error {
 	s.commitMu.Lock()
 	defer s.commitMu.Unlock()
