@@ -63,7 +63,8 @@ func (s *Session) setup(ctx context.Context, found error) error {
 	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
 	if _, err := s.pool.Exec(ctx, "BEGIN;"+checkpointDDL(sch)+"COMMIT"); err != nil {
-		return fmt.Errorf("pgetl: set up checkpoint table in schema %s (need %q; the claim found: %w): %w", sch, schemaMarker, found, err)
+		// The set-up's error first: errors.As finds its cause before the claim's.
+		return fmt.Errorf("pgetl: set up checkpoint table in schema %s (need %q): %w (the claim found: %w)", sch, schemaMarker, err, found)
 	}
 	return nil
 }

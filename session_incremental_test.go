@@ -6,6 +6,7 @@ import (
 	"testing"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/pgetl/pgetl/internal/pgtest"
 	"github.com/stretchr/testify/require"
 )
@@ -295,4 +296,46 @@ func TestIncrementalRunsThroughPgBouncer(t *testing.T) {
 	bd.requireExactly(t, 200)
 	_, err = NewSession(ctx, pool, SessionConfig{Job: job, CheckpointSchema: bd.db.Schema})
 	require.ErrorIs(t, err, ErrJobFinished)
+}
+
+// TestSchemaCurrentNeedsNoCreate: once the checkpoint objects exist at the current
+// version, a role without CREATE on their schema starts sessions, runs them and
+// finishes them: the claim checks the version itself and NewSession sends no DDL.
+// A stale version makes NewSession try the DDL, which such a role cannot run: it
+// fails naming the set-up and the privilege.
+func TestSchemaCurrentNeedsNoCreate(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	bd := setupItems(t)
+	sch := pgx.Identifier{bd.db.Schema}.Sanitize()
+	require.NoError(t, bd.session(t, "owner-made").Close(ctx)) // the objects, made by a role that may
+	role := pgx.Identifier{bd.db.Schema + "_etl"}.Sanitize()
+	bd.db.Exec(t, `CREATE ROLE `+role+` NOLOGIN`)
+	t.Cleanup(func() {
+		// The schema (and the grants on its objects) is dropped after this, by
+		// pgtest: drop what the role owns or was granted outside it first.
+		_, _ = bd.db.Pool.Exec(context.Background(), `DROP OWNED BY `+role+`; DROP ROLE `+role)
+	})
+	bd.db.Exec(t, `GRANT USAGE ON SCHEMA `+sch+` TO `+role+`;
+		GRANT SELECT, INSERT, UPDATE ON `+sch+`.checkpoint, `+sch+`.items TO `+role+`;
+		GRANT SELECT, INSERT ON `+sch+`.reject TO `+role)
+	cfg, err := ParseConfig(bd.db.URL)
+	require.NoError(t, err)
+	cfg.ConnConfig.AfterConnect = func(ctx context.Context, c *pgconn.PgConn) error {
+		return c.Exec(ctx, "SET ROLE "+role).Close()
+	}
+	pool, err := NewPoolWithConfig(ctx, cfg)
+	require.NoError(t, err)
+	defer pool.Close()
+	limited := &bundle{db: bd.db, pool: pool, table: bd.table}
+	require.Equal(t, int64(1), limited.incrementalRun(t, "limited", 50).Run)
+	require.Equal(t, int64(2), limited.incrementalRun(t, "limited", 80).Run)
+	bd.requireExactly(t, 80)
+
+	bd.db.Exec(t, `COMMENT ON FUNCTION `+sch+`.advance(text,text,bigint,text,bigint,bigint,interval,bigint) IS 'pgetl schema 2'`)
+	_, err = NewSession(ctx, pool, SessionConfig{Job: "limited", CheckpointSchema: bd.db.Schema, Incremental: true})
+	require.ErrorContains(t, err, "set up checkpoint table")
+	var pg *pgconn.PgError
+	require.ErrorAs(t, err, &pg)
+	require.Equal(t, "42501", pg.Code, "insufficient privilege: %v", err)
 }
