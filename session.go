@@ -215,10 +215,12 @@ type Session struct {
 	rejLog rejectLog // the Warn per reject, rate-limited
 }
 
-// NewSession claims the job cfg.Job and returns its session. It creates the
-// checkpoint table on first use. ctx bounds only this call; the lease renewal runs
-// until Close. It fails with ErrJobClaimed if another live session holds the job and
-// with ErrJobFinished if the job was finished (see SessionConfig.Restart).
+// NewSession claims the job cfg.Job and returns its session, in one round trip when
+// the checkpoint objects exist at the current version; it creates them on first use
+// and migrates those of an older pgetl (then three). ctx bounds only this call; the
+// lease renewal runs until Close. It fails with ErrJobClaimed if another live
+// session holds the job and with ErrJobFinished if the job was finished (see
+// SessionConfig.Restart and SessionConfig.Incremental).
 func NewSession(ctx context.Context, pool *pgxpool.Pool, cfg SessionConfig) (*Session, error) {
 	if pool == nil {
 		return nil, errors.New("pgetl: NewSession needs a pool")
@@ -255,8 +257,8 @@ func (s *Session) Job() string { return s.cfg.Job }
 
 // Close closes the session's open batch sessions (committing what they buffered, as
 // BatchSession.Close does), stops the lease renewal and releases the job's claim, so
-// the next session for the job can start at once. It does not close the pool. Close
-// is idempotent; methods called after it return ErrClosed.
+// the next session for the job can start at once (one round trip). It does not close
+// the pool. Close is idempotent; methods called after it return ErrClosed.
 func (s *Session) Close(ctx context.Context) error {
 	s.closeOnce.Do(func() { s.closeErr = s.close(ctx) })
 	return s.closeErr
