@@ -17,11 +17,19 @@ import (
 // it). The first InFlight batches (500, 1,000, … rows) are held before they are
 // sent until rows well past the next batch's step are added; that batch then holds
 // every row added meanwhile. On the code before, it held its step (twice the last
-// batch) and waited for a slot.
+// batch) and waited for a slot. The same for a BatchSet (of one table).
 func TestSlowStartGrowsWhileSlotsBusy(t *testing.T) {
 	t.Parallel()
-	for _, inFlight := range []int{2, 4} {
-		t.Run("InFlight="+strconv.Itoa(inFlight), func(t *testing.T) {
+	for _, c := range []struct {
+		inFlight int
+		set      bool
+	}{{2, false}, {4, false}, {2, true}, {4, true}} {
+		inFlight := c.inFlight
+		name := "InFlight=" + strconv.Itoa(inFlight)
+		if c.set {
+			name = "BatchSet/" + name
+		}
+		t.Run(name, func(t *testing.T) {
 			t.Parallel()
 			ctx := context.Background()
 			db := pgtest.New(t)
@@ -39,13 +47,25 @@ func TestSlowStartGrowsWhileSlotsBusy(t *testing.T) {
 			defer s.Close(ctx)
 			var mu sync.Mutex
 			var sizes []int64
-			bs, err := s.Batch(ctx, BatchConfig{Table: db.Schema + ".t", Columns: []string{"id"}, InFlight: inFlight,
+			cfg := BatchConfig{Table: db.Schema + ".t", Columns: []string{"id"}, InFlight: inFlight,
 				OnCommitFunc: func(r BatchResult) {
 					mu.Lock()
 					sizes = append(sizes, r.Rows)
 					mu.Unlock()
-				}})
-			require.NoError(t, err)
+				}}
+			var add func(i int64) error
+			var closeBatch func() error
+			if c.set {
+				set, err := s.Batches(ctx, cfg)
+				require.NoError(t, err)
+				add = func(i int64) error { return set.Add(ctx, strconv.FormatInt(i, 10), []any{i}) }
+				closeBatch = func() error { return set.Close(ctx) }
+			} else {
+				bs, err := s.Batch(ctx, cfg)
+				require.NoError(t, err)
+				add = func(i int64) error { return bs.Add(ctx, strconv.FormatInt(i, 10), i) }
+				closeBatch = func() error { return bs.Close(ctx) }
+			}
 			// The held batches' steps, their rows, and the next batch's step.
 			var steps []int64
 			var heldRows int64
@@ -69,9 +89,9 @@ func TestSlowStartGrowsWhileSlotsBusy(t *testing.T) {
 				if i == releaseAt+1 {
 					close(release)
 				}
-				require.NoError(t, bs.Add(ctx, strconv.FormatInt(i, 10), i))
+				require.NoError(t, add(i))
 			}
-			require.NoError(t, bs.Close(ctx))
+			require.NoError(t, closeBatch())
 			mu.Lock()
 			defer mu.Unlock()
 			t.Logf("batch sizes: %v (step after the held ones: %d, released at row %d)", sizes, step, releaseAt)
