@@ -32,6 +32,9 @@ const (
 	StatementTimeoutDefault = 5 * time.Minute
 	// LockTimeoutDefault is the lock_timeout set in every transaction.
 	LockTimeoutDefault = 30 * time.Second
+	// ClientCheckIntervalDefault is the client_connection_check_interval set in
+	// every transaction (PostgreSQL 14 and later).
+	ClientCheckIntervalDefault = time.Second
 )
 
 // SessionConfig configures a [Session]. The zero value of every field but Job is a
@@ -127,7 +130,8 @@ func (c SessionConfig) withDefaults() SessionConfig {
 	for _, f := range []struct {
 		p   *time.Duration
 		def time.Duration
-	}{{&g.IdleInTransactionTimeout, IdleInTransactionTimeoutDefault}, {&g.StatementTimeout, StatementTimeoutDefault}, {&g.LockTimeout, LockTimeoutDefault}} {
+	}{{&g.IdleInTransactionTimeout, IdleInTransactionTimeoutDefault}, {&g.StatementTimeout, StatementTimeoutDefault}, {&g.LockTimeout, LockTimeoutDefault},
+		{&g.ClientCheckInterval, ClientCheckIntervalDefault}} {
 		if *f.p == 0 {
 			*f.p = f.def
 		}
