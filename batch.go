@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 	"unicode/utf8"
 
@@ -89,7 +90,10 @@ type BatchConfig struct {
 
 	// CommitRows commits a batch once it holds this many rows. Defaults to
 	// CommitRowsDefault, reached after a slow start (the first batch holds 500 rows,
-	// each next one twice as many); an explicit value applies from the first batch.
+	// each next one twice as many, or more: a batch that reaches its step while
+	// every batch in flight is still committing keeps filling until one is done, so
+	// a long link does not cost a round trip per step); an explicit value applies
+	// from the first batch.
 	CommitRows int
 	// CommitBytes commits a batch once the bytes it holds reach this many: its
 	// encoded rows (on the statement path, the encoded size of the values it keeps)
@@ -475,15 +479,33 @@ func (b *BatchSession) Add(ctx context.Context, cursor string, values ...any) er
 	// commits (their rejects and the checkpoint) like any other.
 	bt.seen++
 	bt.last = &cursor
-	full := b.fill(bt) >= int64(b.limit) || len(bt.buf)+bt.extra >= b.cfg.CommitBytes
+	overBytes := len(bt.buf)+bt.extra >= b.cfg.CommitBytes
+	full := b.fill(bt) >= int64(b.limit) || overBytes
+	if full && !overBytes && b.limit < b.cfg.CommitRows && b.saturated() {
+		// Slow start while every batch slot is taken: a batch handed off now would
+		// only wait for a slot (and Add with it), so each doubling step would cost a
+		// round trip on a long link. Keep filling it, up to CommitRows, until a slot
+		// frees: the batch then holds what the source produced meanwhile.
+		full = b.fill(bt) >= int64(b.cfg.CommitRows)
+	}
 	if full && b.limit < b.cfg.CommitRows {
-		b.limit = min(2*b.limit, b.cfg.CommitRows)
+		b.limit = min(2*max(b.limit, int(b.fill(bt))), b.cfg.CommitRows)
 	}
 	b.mu.Unlock()
 	if !full {
 		return nil
 	}
 	return b.dispatch(ctx, false)
+}
+
+// saturated reports whether a batch handed off now would wait: every slot of the
+// pipeline is taken (InFlight batches in flight, or the flusher waiting for a
+// slot), or, one batch at a time, the flusher is committing one.
+func (b *BatchSession) saturated() bool {
+	if b.pipe != nil {
+		return len(b.pipe.slots) == cap(b.pipe.slots)
+	}
+	return b.flusher.busy.Load()
 }
 
 // Estimates of the memory a batch holds besides the bytes it counts: per value the
@@ -759,6 +781,7 @@ type flusher struct {
 	stop      chan struct{} // closed by Stop
 	done      chan struct{} // closed when the loop has returned
 	committed chan struct{} // signaled (capacity 1, never blocking) after each batch the loop commits
+	busy      atomic.Bool   // the loop is committing a batch (read by saturated)
 	once      sync.Once
 }
 
@@ -816,7 +839,9 @@ func (f *flusher) run() {
 		case req := <-f.queue:
 			var err error
 			if req.bt != nil {
+				f.busy.Store(true)
 				_, err = f.commitNext(req.ctx, req.bt, req.done != nil)
+				f.busy.Store(false)
 				lastCommit = time.Now()
 			} else if req.done != nil && b.pipe != nil {
 				b.pipe.wait() // a barrier: every batch handed off is accounted for
@@ -842,7 +867,9 @@ func (f *flusher) run() {
 			b.release()
 			lastCommit = time.Now()
 			if bt != nil {
+				f.busy.Store(true)
 				_, _ = f.commitNext(b.bg, bt, false)
+				f.busy.Store(false)
 			}
 		}
 	}

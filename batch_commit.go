@@ -154,13 +154,15 @@ func (b *BatchSession) commitUnit(ctx context.Context, bt *batch, seq int64) err
 // message holding BEGIN, the guards, the checkpoint's fence (advanceSQL), the COPY,
 // the merge, the rejects and COMMIT, with the COPY data right behind it. With probe, it instead
 // runs the rows in a transaction that is rolled back, to test them.
-func (b *BatchSession) attempt(ctx context.Context, seq int64, n int, bt *batch, sel []int, rows int64, rejects []Reject, cursor *string, probe bool) (commitOutcome, int64, error) {
+func (b *BatchSession) attempt(ctx context.Context, seq int64, n int, bt *batch, sel []int, rows int64, rejects []Reject, cursor *string, probe bool) (out commitOutcome, nbytes int64, err error) {
 	s := b.s
 	conn, release, err := s.acquire(ctx)
 	if err != nil {
 		return outcomeFailed, 0, err
 	}
 	defer release()
+	ctx, tr := s.traceStart(ctx, conn.Conn(), attemptKind(probe), seq, n, len(sel), len(rejects))
+	defer func() { tr.end(outcomeTag(out, probe), err) }()
 	pgc := conn.Conn().PgConn()
 	if s.cfg.beforeCommit != nil && !probe {
 		s.cfg.beforeCommit(ctx, seq, n, pgc)
@@ -195,7 +197,6 @@ func (b *BatchSession) attempt(ctx context.Context, seq int64, n int, bt *batch,
 	}
 	var copies []net.Buffers
 	var starts []int
-	var nbytes int64
 	if !noRows {
 		copies, starts, nbytes = b.copyData(bt, sel[:known], 0)
 	}

@@ -408,7 +408,9 @@ func (b *BatchSession) isolateAttempt(ctx context.Context, seq int64, n int, bt 
 		return outcomeFailed, nil, 0, 0, err
 	}
 	pgc := conn.Conn().PgConn()
+	ctx, tr := s.traceStart(ctx, conn.Conn(), "batch isolate", seq, n, bt.rows(), len(*rejects))
 	defer func() {
+		tr.end(outcomeTag(out, false), err)
 		if out != outcomeCommitted && !pgc.IsClosed() && pgc.TxStatus() != 'I' {
 			_ = pgc.Exec(ctx, "ROLLBACK").Close()
 		}

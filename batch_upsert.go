@@ -298,8 +298,9 @@ func (b *BatchSession) publishKeys(bt *batch, sel []int) {
 		return // a sync's keys are recorded by syncCommitted
 	}
 	var keys []any
+	has := keySetContains(kc) // not a lookup: Add counted this row's
 	for _, i := range sel {
-		if k := bt.keyVals[i]; !kc.HasKey(k) {
+		if k := bt.keyVals[i]; !has(k) {
 			keys = append(keys, k)
 		}
 	}

@@ -11,6 +11,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 	"unicode/utf8"
 
@@ -52,7 +53,8 @@ type BatchSet struct {
 	closeOnce sync.Once
 	closeErr  error
 
-	pipe *pipeline // batches in flight
+	pipe *pipeline   // batches in flight
+	busy atomic.Bool // one batch at a time: the loop is committing one
 
 	// Tables with IgnoreExisting are COPYed straight into the table while no key
 	// conflicts (a key that exists); see mergePlan.
@@ -196,15 +198,30 @@ func (set *BatchSet) Add(ctx context.Context, cursor string, rows ...[]any) erro
 	}
 	bt.seen++
 	bt.last = &cursor
-	full := bt.rows >= set.limit || bt.bytes >= set.cfg.CommitBytes
+	overBytes := bt.bytes >= set.cfg.CommitBytes
+	full := bt.rows >= set.limit || overBytes
+	if full && !overBytes && set.limit < set.cfg.CommitRows && set.saturated() {
+		// Slow start while every batch slot is taken: keep filling (as a
+		// BatchSession does), so a long link does not cost a round trip per step.
+		full = bt.rows >= set.cfg.CommitRows
+	}
 	if full && set.limit < set.cfg.CommitRows {
-		set.limit = min(2*set.limit, set.cfg.CommitRows)
+		set.limit = min(2*max(set.limit, bt.rows), set.cfg.CommitRows)
 	}
 	set.mu.Unlock()
 	if !full {
 		return nil
 	}
 	return set.dispatch(ctx, false)
+}
+
+// saturated reports whether a batch handed off now would wait: every slot of the
+// pipeline is taken or, one batch at a time, the loop is committing one.
+func (set *BatchSet) saturated() bool {
+	if !set.pipe.serial() {
+		return len(set.pipe.slots) == cap(set.pipe.slots)
+	}
+	return set.busy.Load()
 }
 
 // addRow encodes one row of table i into bt. Caller holds mu.
@@ -432,7 +449,9 @@ func (set *BatchSet) loop() {
 			}
 			var err error
 			if req.bt != nil {
+				set.busy.Store(true)
 				err = set.commitNext(req.ctx, req.bt, req.done != nil)
+				set.busy.Store(false)
 				lastCommit = time.Now()
 			} else if req.done != nil {
 				set.pipe.wait() // a barrier: every batch submitted is recorded
@@ -730,7 +749,7 @@ func (e *setRowError) Unwrap() error { return e.err }
 // data behind it. It returns what the server reported of the pending rows, the bytes
 // sent, the table rows the fence counted, and the pending rows rejected for an
 // unknown key (LookupOnly, under RejectToTable).
-func (set *BatchSet) attempt(ctx context.Context, seq int64, n int, bt *setBatch, skip map[int64]bool, rejects []Reject, cursor *string) (commitOutcome, []resolved, int64, int64, []Reject, error) {
+func (set *BatchSet) attempt(ctx context.Context, seq int64, n int, bt *setBatch, skip map[int64]bool, rejects []Reject, cursor *string) (out commitOutcome, _ []resolved, _, _ int64, _ []Reject, err error) {
 	s := set.s
 	conn, release, err := s.acquire(ctx)
 	if err != nil {
@@ -757,6 +776,8 @@ func (set *BatchSet) attempt(ctx context.Context, seq int64, n int, bt *setBatch
 			}
 		}
 	}
+	ctx, tr := s.traceStart(ctx, conn.Conn(), "batch", seq, n, int(rows), len(rejects))
+	defer func() { tr.end(outcomeTag(out, false), err) }()
 	q.WriteString(s.advanceSQL(seq, cursor, rows, int64(len(rejects))))
 	for p, b := range set.parts {
 		direct, pend := bt.direct[p], bt.pend[p]

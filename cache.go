@@ -14,6 +14,7 @@ import (
 	"unsafe"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgtype"
 	"github.com/pgetl/pgetl/internal/keystore"
 )
 
@@ -440,7 +441,8 @@ func (c *Cache[K, V]) Stat() CacheStat {
 // page may use another connection) and a huge table never sits in memory at once.
 // Each page is one round trip: it runs in [pgx.QueryExecModeExec] (no prepared
 // statement; parameters and results in text form, which every type pgx knows
-// decodes as it does the binary form), also on a connection that would prepare it.
+// decodes as it does the binary form, date and time values given the server's
+// default DateStyle ISO), also on a connection that would prepare it.
 // Rows changed while it runs may be read in either state; rows inserted behind the
 // current page are missed (later lookups of them miss and go to the database). Preload
 // stops early, without error, when the memory budget is exhausted
@@ -465,16 +467,27 @@ func (c *Cache[K, V]) Preload(ctx context.Context, db Querier, src Lookup) error
 	first := fmt.Sprintf("SELECT %s, %s FROM %s WHERE %s ORDER BY %s LIMIT $1", key, val, tableIdent(src.Table), cond, key)
 	next := fmt.Sprintf("SELECT %s, %s FROM %s WHERE %s AND %s > $2 ORDER BY %s LIMIT $1", key, val, tableIdent(src.Table), cond, key, key)
 	var last K
+	var keyOID uint32 // the key column's type, from the first page
+	var types *pgtype.Map
 	for page := 0; ; page++ {
 		var rows pgx.Rows
 		var err error
 		if page == 0 {
 			rows, err = db.Query(ctx, first, pgx.QueryExecModeExec, pageSize)
+		} else if txt, ok := keyText(&types, keyOID, last); ok {
+			// The last key in its column's text form, which the server parses as
+			// the key's type ($2 is untyped in QueryExecModeExec).
+			rows, err = db.Query(ctx, next, pgx.QueryExecModeExec, pageSize, txt)
 		} else {
-			rows, err = db.Query(ctx, next, pgx.QueryExecModeExec, pageSize, last)
+			// A key type a fresh type map cannot encode (an enum…): the default
+			// mode, where the server describes $2 first.
+			rows, err = db.Query(ctx, next, pageSize, last)
 		}
 		if err != nil {
 			return fmt.Errorf("pgetl: Cache.Preload from %s: %w", src.Table, err)
+		}
+		if fds := rows.FieldDescriptions(); page == 0 && len(fds) > 0 {
+			keyOID = fds[0].DataTypeOID
 		}
 		n, full := 0, false
 		for rows.Next() {
@@ -505,6 +518,25 @@ func (c *Cache[K, V]) Preload(ctx context.Context, db Querier, src Lookup) error
 			return nil
 		}
 	}
+}
+
+// keyText returns k in the text form of the type oid, for Preload's next page; types
+// is made on first use.
+func keyText[K any](types **pgtype.Map, oid uint32, k K) (string, bool) {
+	if oid == 0 {
+		return "", false
+	}
+	if *types == nil {
+		*types = pgtype.NewMap()
+	}
+	if _, ok := (*types).TypeForOID(oid); !ok {
+		return "", false
+	}
+	b, err := (*types).Encode(oid, pgtype.TextFormatCode, k, nil)
+	if err != nil || b == nil {
+		return "", false
+	}
+	return string(b), true
 }
 
 // GetOrCreate returns the values of keys (in their order, duplicates allowed) from the

@@ -63,7 +63,8 @@ func (s *Session) setup(ctx context.Context, found error) error {
 	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
 	if _, err := s.pool.Exec(ctx, "BEGIN;"+checkpointDDL(sch)+"COMMIT"); err != nil {
-		return fmt.Errorf("pgetl: set up checkpoint table in schema %s (need %q; the claim found: %w): %w", sch, schemaMarker, found, err)
+		// The set-up's error first: errors.As finds its cause before the claim's.
+		return fmt.Errorf("pgetl: set up checkpoint table in schema %s (need %q): %w (the claim found: %w)", sch, schemaMarker, err, found)
 	}
 	return nil
 }
@@ -407,9 +408,10 @@ func ReadCheckpoint(ctx context.Context, db interface {
 	return row.Checkpoint, err
 }
 
-// Finish marks the job finished: a later NewSession for it returns ErrJobFinished
-// unless SessionConfig.Restart is set. Call it after the last batch is committed
-// (BatchSession.Close) and before Close.
+// Finish marks the job finished (one round trip): a later NewSession for it returns
+// ErrJobFinished unless SessionConfig.Restart is set (start over) or
+// SessionConfig.Incremental (its next run, after the last cursor). Call it after the
+// last batch is committed (BatchSession.Close) and before Close.
 func (s *Session) Finish(ctx context.Context) error {
 	s.commitMu.Lock()
 	defer s.commitMu.Unlock()
@@ -430,7 +432,7 @@ func (s *Session) Finish(ctx context.Context) error {
 	s.cp.Finished = true
 	cp, st := s.cp, s.stat
 	s.mu.Unlock()
-	s.log.Info("pgetl: job finished", "job", s.cfg.Job, "cursor", cp.Cursor, "rows", cp.Rows, "rejects", cp.Rejects,
+	s.log.Info("pgetl: job finished", "job", s.cfg.Job, "run", cp.Run, "cursor", cp.Cursor, "rows", cp.Rows, "rejects", cp.Rejects,
 		"session_rows", st.rows, "session_batches", st.batches, "session_txs", st.txs)
 	return nil
 }
@@ -612,6 +614,7 @@ func (s *Session) batchCommitted(seq int64, cursor *string, rows int64, rejects 
 // batchCommittedCounts is batchCommitted with a sync batch's counts (see sync.go).
 func (s *Session) batchCommittedCounts(seq int64, cursor *string, rows int64, rejects []Reject, sent int64, t0 time.Time, onCommit func(BatchResult), sc syncCounts) {
 	s.committed(seq, cursor, rows, int64(len(rejects)), sent)
+	s.rejLog.log(s.log, s.cfg.Job, seq, rejects)
 	d := time.Since(t0)
 	s.mu.Lock()
 	s.stat.flushNanos += int64(d)

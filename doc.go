@@ -42,7 +42,9 @@
 // fresh connection with jittered backoff. When the connection fails after COMMIT may
 // have been sent, pgetl ends the batch's backend and reads the checkpoint (waiting on
 // its row lock) to learn the outcome. [Session.Checkpoint] tells a restarted job
-// where to resume.
+// where to resume. A job whose source has a monotonic cursor can run again after
+// [Session.Finish] with [SessionConfig.Incremental]: its next run continues after the
+// last cursor ([Checkpoint.Run] counts the runs).
 //
 // # Bad rows
 //

@@ -22,7 +22,8 @@ var ErrJobClaimed = errors.New("pgetl: job is claimed by another session")
 var ErrFenced = errors.New("pgetl: job was taken over by another session (fenced)")
 
 // ErrJobFinished is returned by [NewSession] for a job that was marked finished by
-// [Session.Finish], unless [SessionConfig.Restart] asks to start it over.
+// [Session.Finish], unless [SessionConfig.Restart] asks to start it over or
+// [SessionConfig.Incremental] to continue it after its last cursor.
 var ErrJobFinished = errors.New("pgetl: job is already finished")
 
 // ErrTooManyRejects is returned (wrapped in a [*BatchError]) when the rejected rows of

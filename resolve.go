@@ -36,7 +36,7 @@ func (s *Session) appName(seq int64) string {
 // UPDATE, which waits for any transaction still holding it: the answer is final, not
 // a guess. Should the old message still reach the server later, the checkpoint fence
 // makes it fail rather than commit a second time.
-func (s *Session) resolve(ctx context.Context, seq int64) (bool, error) {
+func (s *Session) resolve(ctx context.Context, seq int64) (committed bool, err error) {
 	ctx, cancel := context.WithTimeout(ctx, s.cfg.Guards.IdleInTransactionTimeout+10*time.Second)
 	defer cancel()
 	conn, err := s.pool.Acquire(ctx)
@@ -44,6 +44,8 @@ func (s *Session) resolve(ctx context.Context, seq int64) (bool, error) {
 		return false, err
 	}
 	defer conn.Release()
+	ctx, tr := s.traceStart(ctx, conn.Conn(), "resolve in-doubt", seq, -1, -1, -1)
+	defer func() { tr.end(resolvedTag(committed), err) }()
 	app := s.appName(seq)
 	_, _ = conn.Exec(ctx, `SELECT pg_terminate_backend(pid) FROM pg_stat_activity
 		WHERE application_name = $1 AND pid <> pg_backend_pid()`, app)

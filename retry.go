@@ -86,8 +86,9 @@ func (s *Session) run(ctx context.Context, seq int64, attempt func(ctx context.C
 		s.mu.Unlock()
 		return &InDoubtError{Job: s.cfg.Job, Seq: seq, Err: err}
 	}
+	actx := ctx // the attempt's: after a failure, says which class the next one retries
 	for n := 1; ; n++ {
-		outcome, err := attempt(ctx, n)
+		outcome, err := attempt(actx, n)
 		attempts = n
 		if outcome == outcomeCommitted {
 			return nil
@@ -170,6 +171,7 @@ func (s *Session) run(ctx context.Context, seq int64, attempt func(ctx context.C
 		if werr := s.retryWait(ctx, seq, n, start, err); werr != nil {
 			return inDoubt(werr)
 		}
+		actx = withRetryOf(ctx, retryClass(err))
 	}
 }
 

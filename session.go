@@ -32,6 +32,9 @@ const (
 	StatementTimeoutDefault = 5 * time.Minute
 	// LockTimeoutDefault is the lock_timeout set in every transaction.
 	LockTimeoutDefault = 30 * time.Second
+	// ClientCheckIntervalDefault is the client_connection_check_interval set in
+	// every transaction (PostgreSQL 14 and later).
+	ClientCheckIntervalDefault = time.Second
 )
 
 // SessionConfig configures a [Session]. The zero value of every field but Job is a
@@ -88,7 +91,10 @@ type SessionConfig struct {
 	// Retry bounds the retries of transient failures.
 	Retry RetryPolicy
 
-	// Logger receives retries, in-doubt resolutions and fencing. Nil is silent.
+	// Logger receives the job's start and finish (Info), retries, unresolved
+	// in-doubt commits, lease failures and each reject (Warn; rejects are
+	// rate-limited, see RejectLogBurst), resolved in-doubt commits (Info) and each
+	// committed batch (Debug). Nil is silent.
 	Logger *slog.Logger
 
 	// OnRetryFunc, if set, is called before each retry of a failed attempt.
@@ -124,7 +130,8 @@ func (c SessionConfig) withDefaults() SessionConfig {
 	for _, f := range []struct {
 		p   *time.Duration
 		def time.Duration
-	}{{&g.IdleInTransactionTimeout, IdleInTransactionTimeoutDefault}, {&g.StatementTimeout, StatementTimeoutDefault}, {&g.LockTimeout, LockTimeoutDefault}} {
+	}{{&g.IdleInTransactionTimeout, IdleInTransactionTimeoutDefault}, {&g.StatementTimeout, StatementTimeoutDefault}, {&g.LockTimeout, LockTimeoutDefault},
+		{&g.ClientCheckInterval, ClientCheckIntervalDefault}} {
 		if *f.p == 0 {
 			*f.p = f.def
 		}
@@ -208,12 +215,16 @@ type Session struct {
 	closeErr  error
 
 	lease *leaseRenewer
+
+	rejLog rejectLog // the Warn per reject, rate-limited
 }
 
-// NewSession claims the job cfg.Job and returns its session. It creates the
-// checkpoint table on first use. ctx bounds only this call; the lease renewal runs
-// until Close. It fails with ErrJobClaimed if another live session holds the job and
-// with ErrJobFinished if the job was finished (see SessionConfig.Restart).
+// NewSession claims the job cfg.Job and returns its session, in one round trip when
+// the checkpoint objects exist at the current version; it creates them on first use
+// and migrates those of an older pgetl (then three). ctx bounds only this call; the
+// lease renewal runs until Close. It fails with ErrJobClaimed if another live
+// session holds the job and with ErrJobFinished if the job was finished (see
+// SessionConfig.Restart and SessionConfig.Incremental).
 func NewSession(ctx context.Context, pool *pgxpool.Pool, cfg SessionConfig) (*Session, error) {
 	if pool == nil {
 		return nil, errors.New("pgetl: NewSession needs a pool")
@@ -250,8 +261,8 @@ func (s *Session) Job() string { return s.cfg.Job }
 
 // Close closes the session's open batch sessions (committing what they buffered, as
 // BatchSession.Close does), stops the lease renewal and releases the job's claim, so
-// the next session for the job can start at once. It does not close the pool. Close
-// is idempotent; methods called after it return ErrClosed.
+// the next session for the job can start at once (one round trip). It does not close
+// the pool. Close is idempotent; methods called after it return ErrClosed.
 func (s *Session) Close(ctx context.Context) error {
 	s.closeOnce.Do(func() { s.closeErr = s.close(ctx) })
 	return s.closeErr
@@ -283,6 +294,7 @@ func (s *Session) close(ctx context.Context) error {
 	s.mu.Unlock()
 	s.commitMu.Unlock()
 	s.lease.Stop()
+	s.rejLog.flush(s.log, s.cfg.Job)
 	// One round trip: QueryExecModeExec, no prepared statement.
 	_, err := s.pool.Exec(ctx, `UPDATE `+s.schema+`.checkpoint SET owner = NULL, lease_until = NULL
 		WHERE job = $1::text AND owner = $2::text`, pgx.QueryExecModeExec, s.cfg.Job, s.owner)

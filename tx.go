@@ -3,17 +3,19 @@ package pgetl
 import (
 	"context"
 	"errors"
+	"strings"
 
 	"github.com/jackc/pgx/v5"
 )
 
 // Tx runs fn in a short transaction on a connection acquired for it: BEGIN, the
-// guards (SET LOCAL), the checkpoint's fence (so the session's fencing and in-doubt
-// resolution cover custom work too), fn, COMMIT, release. After a transient failure
-// the transaction is rolled back and fn is called again on a fresh connection, so fn
-// must do all its work through tx and must not keep effects of a failed attempt. fn
-// must not call tx.Commit or tx.Rollback: return nil to commit, an error to roll back
-// (that error is returned as is).
+// guards (SET LOCAL) and the checkpoint's fence (so the session's fencing and
+// in-doubt resolution cover custom work too) in one round trip, fn, COMMIT,
+// release. After a transient failure the transaction is rolled back and fn is
+// called again on a fresh connection, so fn must do all its work through tx and
+// must not keep effects of a failed attempt. fn must not call tx.Commit or
+// tx.Rollback: return nil to commit, an error to roll back (that error is returned
+// as is).
 //
 // The fence runs before fn, so when a COMMIT whose outcome was unknown did go
 // through, the replay stops at the fence and fn is not run again. It also means fn
@@ -24,7 +26,8 @@ func (s *Session) Tx(ctx context.Context, fn func(pgx.Tx) error) error {
 }
 
 // TxWithOptions is Tx with the transaction's options (isolation level, access mode,
-// deferrable), as pgx's BeginTx takes them.
+// deferrable), as pgx's BeginTx takes them; a BeginQuery replaces the BEGIN of the
+// message that also sends the guards and the fence.
 func (s *Session) TxWithOptions(ctx context.Context, opts pgx.TxOptions, fn func(pgx.Tx) error) error {
 	s.commitMu.Lock()
 	defer s.commitMu.Unlock()
@@ -99,16 +102,21 @@ func (s *Session) txAttempt(ctx context.Context, seq int64, n int, opts pgx.TxOp
 		return outcomeFailed, nil, err, nil
 	}
 	defer release()
+	ctx, tr := s.traceStart(ctx, conn.Conn(), "tx", seq, n, -1, -1)
+	defer func() { tr.end(outcomeTag(out, false), errors.Join(err, fnErr)) }()
+	// BEGIN, the guards and the fence in one round trip (one simple-protocol
+	// message as the transaction's begin query), before fn.
+	opts.BeginQuery = beginSQL(opts) + ";" + s.guardSQL(seq) + s.advanceSQL(seq, nil, 0, 0)
 	tx, err := conn.BeginTx(ctx, opts)
 	if err != nil {
+		// A guard or the fence failed: the transaction the message began is
+		// aborted; end it so the connection goes back to the pool usable.
+		if pgc := conn.Conn().PgConn(); !pgc.IsClosed() && pgc.TxStatus() != 'I' {
+			_, _ = conn.Exec(ctx, "ROLLBACK")
+		}
 		return outcomeFailed, nil, err, nil
 	}
 	stx = &sessionTx{Tx: tx}
-	// Guards and the fence in one round trip, before fn.
-	if _, err := tx.Exec(ctx, s.guardSQL(seq)+s.advanceSQL(seq, nil, 0, 0)); err != nil {
-		_ = tx.Rollback(ctx)
-		return outcomeFailed, stx, err, nil
-	}
 	if ferr := fn(stx); ferr != nil {
 		_ = tx.Rollback(ctx)
 		if IsTransient(ferr) && ctx.Err() == nil {
@@ -162,6 +170,26 @@ func (t *sessionTx) runRollback() {
 }
 
 var _ commitHooks = (*sessionTx)(nil)
+
+// beginSQL is the statement that begins a transaction of opts, as pgx renders it
+// (opts.BeginQuery if set).
+func beginSQL(opts pgx.TxOptions) string {
+	if opts.BeginQuery != "" {
+		return opts.BeginQuery
+	}
+	var b strings.Builder
+	b.WriteString("begin")
+	if opts.IsoLevel != "" {
+		b.WriteString(" isolation level " + string(opts.IsoLevel))
+	}
+	if opts.AccessMode != "" {
+		b.WriteString(" " + string(opts.AccessMode))
+	}
+	if opts.DeferrableMode != "" {
+		b.WriteString(" " + string(opts.DeferrableMode))
+	}
+	return b.String()
+}
 
 // commitHooks is implemented by the pgx.Tx that [Session.Tx] hands to its function
 // (and by the transaction of a batch flush). Code that stages state for a transaction

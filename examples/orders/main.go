@@ -53,6 +53,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/pgetl/pgetl"
 	"github.com/pgetl/pgetl/examples/internal/jobkit"
 )
 
@@ -102,7 +103,7 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 	fs.Int64Var(&c.maxRejects, "max-rejects", -1, "rejected lines allowed before the job fails (-1: no limit; 0: the first bad line is fatal)")
 	fs.StringVar(&c.schema, "schema", "pgetl_demo", "schema of customers, orders, order_lines and the checkpoint and reject tables, created if missing")
 	fs.StringVar(&c.job, "job", "", "job name, the checkpoint key (default: orders-<source>)")
-	fs.IntVar(&c.commitRows, "commit-rows", 0, "table rows (headers and lines) per batch (0: pgetl's default)")
+	fs.IntVar(&c.commitRows, "commit-rows", 0, fmt.Sprintf("table rows (headers and lines) per batch (0: pgetl's default, %d, reached after a slow start from 500)", pgetl.CommitRowsDefault))
 	fs.BoolVar(&c.restart, "restart", false, "start the job over instead of resuming it")
 	fs.BoolVar(&c.takeover, "takeover", false, "claim the job even if another run's lease has not expired (that run must be dead)")
 	fs.StringVar(&c.progress, "progress", "auto", "progress display: auto (a bar on a terminal, else log lines), bar, log or off")

@@ -1,11 +1,8 @@
 package main
 
 import (
-	"bufio"
-	"bytes"
 	"context"
 	"database/sql/driver"
-	"encoding/csv"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -14,6 +11,7 @@ import (
 	"strconv"
 	"strings"
 
+	"github.com/pgetl/pgetl/examples/internal/jobkit"
 	"github.com/pgetl/pgetl/internal/workload"
 )
 
@@ -55,15 +53,16 @@ func (s *synthetic) Total() int64           { return s.o.N }
 func (s *synthetic) Where(pos int64) string { return "line " + strconv.FormatInt(pos, 10) }
 func (s *synthetic) Close() error           { return nil }
 
-// csvSource reads a file with the header workload.OrdersCSVHeader, one record per
-// line. A record's pos is its number (1 for the line after the header).
+// csvSource reads a file with the header workload.OrdersCSVHeader (what psql's
+// \copy … TO (FORMAT csv, HEADER) writes): quoted fields may hold commas, quotes and
+// line breaks, so a record may span lines. A record's pos is its number (1 for the
+// record after the header).
 type csvSource struct {
 	path  string
 	f     *os.File
-	sc    *bufio.Scanner
-	pos   int64
+	r     *jobkit.CSV
 	after int64
-	total int64
+	index jobkit.CSVIndex // for Where: the line each record ends on
 }
 
 func openCSV(path string, after int64) (*csvSource, error) {
@@ -71,91 +70,59 @@ func openCSV(path string, after int64) (*csvSource, error) {
 	if err != nil {
 		return nil, fmt.Errorf("csv: %w", err)
 	}
-	lines, err := countLines(f)
+	x, err := jobkit.IndexCSV(f)
 	if err == nil {
 		_, err = f.Seek(0, io.SeekStart)
 	}
+	var r *jobkit.CSV
+	if err == nil {
+		r, err = jobkit.NewCSV(f)
+	}
 	if err != nil {
 		f.Close()
-		return nil, fmt.Errorf("csv %s: %w", path, err)
+		return nil, fmt.Errorf("csv %s: %w (want the header %q)", path, err, workload.OrdersCSVHeader)
 	}
-	s := &csvSource{path: path, f: f, sc: bufio.NewScanner(f), after: after, total: max(lines-1, 0)}
-	s.sc.Buffer(make([]byte, 64<<10), 1<<20)
-	if !s.sc.Scan() {
-		f.Close()
-		if err := s.sc.Err(); err != nil {
-			return nil, fmt.Errorf("csv %s line 1: %w", path, err)
-		}
-		return nil, fmt.Errorf("csv %s: empty file, want the header %q", path, workload.OrdersCSVHeader)
-	}
-	if h := strings.TrimSuffix(strings.TrimPrefix(s.sc.Text(), "\ufeff"), "\r"); h != workload.OrdersCSVHeader {
+	if h := r.Header(); h != workload.OrdersCSVHeader {
 		f.Close()
 		return nil, fmt.Errorf("csv %s line 1: header %q, want %q", path, truncate(h, 80), workload.OrdersCSVHeader)
 	}
-	return s, nil
-}
-
-// countLines counts the lines of r (a last line without a newline counts).
-func countLines(r io.Reader) (int64, error) {
-	buf := make([]byte, 256<<10)
-	var n int64
-	var last byte = '\n'
-	for {
-		k, err := r.Read(buf)
-		if k > 0 {
-			n += int64(bytes.Count(buf[:k], []byte{'\n'}))
-			last = buf[k-1]
-		}
-		if errors.Is(err, io.EOF) {
-			if last != '\n' {
-				n++
-			}
-			return n, nil
-		}
-		if err != nil {
-			return n, err
-		}
-	}
+	return &csvSource{path: path, f: f, r: r, after: after, index: x}, nil
 }
 
 func (s *csvSource) Next(context.Context) (record, error) {
-	for s.sc.Scan() {
-		s.pos++
-		if s.pos <= s.after {
+	for {
+		rec, err := s.r.Next()
+		if errors.Is(err, io.EOF) {
+			return record{}, io.EOF
+		}
+		if err != nil {
+			return record{}, fmt.Errorf("csv %s: %w", s.path, err)
+		}
+		if rec.N <= s.after {
 			continue
 		}
-		text := strings.TrimSuffix(s.sc.Text(), "\r")
-		var f []string
-		if strings.IndexByte(text, '"') < 0 {
-			f = strings.Split(text, ",")
-		} else {
-			r := csv.NewReader(strings.NewReader(text))
-			r.FieldsPerRecord = -1
-			var err error
-			if f, err = r.Read(); err != nil {
-				f = []string{text} // a quoting error: the record is refused whole
-			}
+		f, raw := rec.Fields, strings.Join(rec.Fields, ",")
+		if rec.Err != nil {
+			// A quoting error: the record is refused whole.
+			raw = rec.Err.Error()
+			f = []string{raw}
 		}
 		l, err := workload.ParseOrderCSV(f)
-		rec := record{pos: s.pos, line: l, raw: text}
+		out := record{pos: rec.N, line: l, raw: raw}
 		if err != nil {
 			var fe *workload.FieldError
 			if !errors.As(err, &fe) {
 				return record{}, err
 			}
-			rec.bad = fe
+			out.bad = fe
 		}
-		return rec, nil
+		return out, nil
 	}
-	if err := s.sc.Err(); err != nil {
-		return record{}, fmt.Errorf("csv %s line %d: %w", s.path, s.pos+2, err)
-	}
-	return record{}, io.EOF
 }
 
-func (s *csvSource) Total() int64 { return s.total }
+func (s *csvSource) Total() int64 { return s.index.Records }
 func (s *csvSource) Where(pos int64) string {
-	return fmt.Sprintf("%s line %d", s.path, pos+1) // the header is line 1
+	return fmt.Sprintf("%s line %d", s.path, s.index.Line(pos))
 }
 func (s *csvSource) Close() error { return s.f.Close() }
 

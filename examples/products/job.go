@@ -349,7 +349,9 @@ func (j *job) onCommit(res pgetl.BatchResult) {
 			var sku string
 			var id int64
 			_, err = pgx.ForEachRow(rows, []any{&sku, &id}, func() error {
-				if _, ok := j.cache.Get(sku); !ok {
+				// Contains, not Get: this is bookkeeping, not a lookup (track's Get
+				// counted the row's lookup in CacheStat already).
+				if !j.cache.Contains(sku) {
 					inserted++ // not an earlier batch's new SKU seen again
 				}
 				j.cache.Put(sku, id)

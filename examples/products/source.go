@@ -1,11 +1,8 @@
 package main
 
 import (
-	"bufio"
-	"bytes"
 	"context"
 	"database/sql/driver"
-	"encoding/csv"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -19,6 +16,7 @@ import (
 
 	"github.com/jackc/pgx/v5/pgtype"
 
+	"github.com/pgetl/pgetl/examples/internal/jobkit"
 	"github.com/pgetl/pgetl/internal/workload"
 )
 
@@ -103,8 +101,8 @@ func parseFields(f []string, raw string) (sku string, values []any) {
 	} else {
 		values[3] = int32(inv)
 	}
-	if t, err := time.Parse(time.RFC3339, f[4]); err != nil {
-		bad(4, "not an RFC 3339 timestamp (2024-01-12T13:46:41Z)")
+	if t, err := workload.ParseTimestamp(f[4]); err != nil {
+		bad(4, "not an RFC 3339 or PostgreSQL timestamp (2024-01-12T13:46:41Z, 2024-01-12 13:46:41+00)")
 	} else {
 		values[4] = t
 	}
@@ -152,16 +150,17 @@ func (s *synthetic) Total() (int64, int64)  { return s.gen.total(s.n) }
 func (s *synthetic) Where(pos int64) string { return "row " + strconv.FormatInt(pos, 10) }
 func (s *synthetic) Close() error           { return nil }
 
-// csvSource reads a file of workload.CSVHeader columns, one record per line
-// (quoted fields are allowed, line breaks inside them are not). The cursor is the
-// line number (the header is line 1).
+// csvSource reads a file of workload.CSVHeader columns (what psql's \copy … TO
+// (FORMAT csv, HEADER) writes): quoted fields may hold commas, quotes and line
+// breaks, so a record may span lines. The cursor is the line a record ends on (the
+// header is line 1), so a record on one line has its line number.
 type csvSource struct {
 	path  string
 	f     *os.File
-	sc    *bufio.Scanner
-	line  int64
+	r     *jobkit.CSV
 	after int64
-	total int64 // data lines
+	total int64 // records after the header
+	last  int64 // the line the last one ends on
 }
 
 func openCSV(path string, after int64) (*csvSource, error) {
@@ -169,82 +168,49 @@ func openCSV(path string, after int64) (*csvSource, error) {
 	if err != nil {
 		return nil, fmt.Errorf("csv: %w", err)
 	}
-	lines, err := countLines(f)
+	x, err := jobkit.IndexCSV(f)
 	if err == nil {
 		_, err = f.Seek(0, io.SeekStart)
 	}
+	var r *jobkit.CSV
+	if err == nil {
+		r, err = jobkit.NewCSV(f)
+	}
 	if err != nil {
 		f.Close()
-		return nil, fmt.Errorf("csv %s: %w", path, err)
+		return nil, fmt.Errorf("csv %s: %w (want the header %q)", path, err, workload.CSVHeader)
 	}
-	s := &csvSource{path: path, f: f, sc: bufio.NewScanner(f), after: after, total: max(lines-1, 0)}
-	s.sc.Buffer(make([]byte, 64<<10), 1<<20)
-	if !s.sc.Scan() {
-		f.Close()
-		if err := s.sc.Err(); err != nil {
-			return nil, fmt.Errorf("csv %s line 1: %w", path, err)
-		}
-		return nil, fmt.Errorf("csv %s: empty file, want the header %q", path, workload.CSVHeader)
-	}
-	s.line = 1
-	if h := strings.TrimSuffix(strings.TrimPrefix(s.sc.Text(), "\ufeff"), "\r"); h != workload.CSVHeader {
+	if h := r.Header(); h != workload.CSVHeader {
 		f.Close()
 		return nil, fmt.Errorf("csv %s line 1: header %q, want %q", path, truncate(h, 80), workload.CSVHeader)
 	}
-	return s, nil
-}
-
-// countLines counts the lines of r (a last line without a newline counts).
-func countLines(r io.Reader) (int64, error) {
-	buf := make([]byte, 256<<10)
-	var n int64
-	var last byte = '\n'
-	for {
-		k, err := r.Read(buf)
-		if k > 0 {
-			n += int64(bytes.Count(buf[:k], []byte{'\n'}))
-			last = buf[k-1]
-		}
-		if errors.Is(err, io.EOF) {
-			if last != '\n' {
-				n++
-			}
-			return n, nil
-		}
-		if err != nil {
-			return n, err
-		}
-	}
+	return &csvSource{path: path, f: f, r: r, after: after, total: x.Records, last: x.LastLine}, nil
 }
 
 func (s *csvSource) Next(context.Context) (row, error) {
-	for s.sc.Scan() {
-		s.line++
-		if s.line <= s.after {
+	for {
+		rec, err := s.r.Next()
+		if errors.Is(err, io.EOF) {
+			return row{}, io.EOF
+		}
+		if err != nil {
+			return row{}, fmt.Errorf("csv %s: %w", s.path, err)
+		}
+		if rec.Line <= s.after {
 			continue
 		}
-		text := strings.TrimSuffix(s.sc.Text(), "\r")
-		var f []string
-		if strings.IndexByte(text, '"') < 0 {
-			f = strings.Split(text, ",")
-		} else {
-			r := csv.NewReader(strings.NewReader(text))
-			r.FieldsPerRecord = -1
-			var err error
-			if f, err = r.Read(); err != nil {
-				f = []string{text} // a quoting error: the record is refused whole
-			}
+		f, raw := rec.Fields, strings.Join(rec.Fields, ",")
+		if rec.Err != nil {
+			// A quoting error: the record is refused whole.
+			raw = rec.Err.Error()
+			f = []string{raw}
 		}
-		sku, values := parseFields(f, text)
-		return row{pos: s.line, sku: sku, values: values}, nil
+		sku, values := parseFields(f, raw)
+		return row{pos: rec.Line, sku: sku, values: values}, nil
 	}
-	if err := s.sc.Err(); err != nil {
-		return row{}, fmt.Errorf("csv %s line %d: %w", s.path, s.line+1, err)
-	}
-	return row{}, io.EOF
 }
 
-func (s *csvSource) Total() (int64, int64) { return s.total, s.total + 1 }
+func (s *csvSource) Total() (int64, int64) { return s.total, s.last }
 func (s *csvSource) Where(pos int64) string {
 	return s.path + " line " + strconv.FormatInt(pos, 10)
 }

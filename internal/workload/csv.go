@@ -86,7 +86,7 @@ func ParseCSV(fields []string) (Product, error) {
 		return Product{}, fmt.Errorf("workload: csv inventory %q: %w", fields[3], err)
 	}
 	p.Inventory = int32(inv)
-	if p.UpdatedAt, err = time.Parse(time.RFC3339, fields[4]); err != nil {
+	if p.UpdatedAt, err = ParseTimestamp(fields[4]); err != nil {
 		return Product{}, fmt.Errorf("workload: csv updated_at %q: %w", fields[4], err)
 	}
 	p.UpdatedAt = p.UpdatedAt.UTC()

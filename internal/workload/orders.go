@@ -215,8 +215,8 @@ func ParseOrderCSV(fields []string) (OrderLine, error) {
 		return l, bad(6, "not a decimal with two fraction digits")
 	}
 	l.PriceCents = int64(u)*100 + int64(c)
-	if l.OrderedAt, err = time.Parse(time.RFC3339, fields[7]); err != nil {
-		return l, bad(7, "not an RFC 3339 timestamp (2024-01-01T00:01:00Z)")
+	if l.OrderedAt, err = ParseTimestamp(fields[7]); err != nil {
+		return l, bad(7, "not an RFC 3339 or PostgreSQL timestamp (2024-01-01T00:01:00Z, 2024-01-01 00:01:00+00)")
 	}
 	l.OrderedAt = l.OrderedAt.UTC()
 	return l, nil

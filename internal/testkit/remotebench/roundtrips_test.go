@@ -2,6 +2,7 @@ package remotebench_test
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net"
 	"strconv"
@@ -10,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/pgetl/pgetl"
 	"github.com/pgetl/pgetl/internal/faults"
@@ -192,8 +194,30 @@ func TestRoundTrips(t *testing.T) {
 		return keys.Preload(ctx, pool, pgetl.Lookup{Table: db.Qualified("skus"), Key: "sku", Value: "id"})
 	})
 	require.EqualValues(t, 100, keys.Stat().Len())
+	paged, err := pgetl.NewCache[string, int64](pgetl.CacheConfig{})
+	require.NoError(t, err)
+	measure("Cache.Preload, 100 rows in 4 pages", func() error {
+		return paged.Preload(ctx, pool, pgetl.Lookup{Table: db.Qualified("skus"), Key: "sku", Value: "id", PageSize: 30})
+	})
+	require.EqualValues(t, 100, paged.Stat().Len())
+	require.EqualValues(t, 4, paged.Stat().PreloadedPages())
+	measure("Session.Tx, nothing in it", func() error {
+		return s.Tx(ctx, func(pgx.Tx) error { return nil })
+	})
 	measure("Session.Finish", func() error { return s.Finish(ctx) })
 	measure("Session.Close", func() error { return s.Close(ctx) })
+	// The job's next run (SessionConfig.Incremental): the same one claim.
+	measure("NewSession, the next incremental run", func() error {
+		next, err := pgetl.NewSession(ctx, pool, pgetl.SessionConfig{Job: "roundtrips", CheckpointSchema: db.Schema, Incremental: true})
+		if err != nil {
+			return err
+		}
+		cp, err := next.Checkpoint(ctx)
+		if err == nil && (cp.Run != 2 || cp.Cursor != "3000") {
+			err = fmt.Errorf("next run: got run %d after cursor %q, want run 2 after 3000", cp.Run, cp.Cursor)
+		}
+		return errors.Join(err, next.Close(ctx))
+	})
 
 	var cnt int64
 	require.NoError(t, db.Pool.QueryRow(ctx, "SELECT count(*) FROM products").Scan(&cnt))
@@ -209,9 +233,10 @@ func TestRoundTrips(t *testing.T) {
 	// Describe, one turn more). A schema's first session is three (the claim that
 	// finds no objects, setup's DDL, the claim again) plus its Close's one. An
 	// insert's describe is the target's Prepare; an upsert's is one simple-protocol
-	// message (staging table, its column types, EXPLAIN of the merge). Before
-	// issue 17's round-trip work: NewSession 4, upsert describe 2, Preload 2,
-	// Finish 2, Close 2.
+	// message (staging table, its column types, EXPLAIN of the merge). A Tx sends
+	// BEGIN, its guards and its fence as one message, then COMMIT. Before issue
+	// 17's round-trip work: NewSession 4, upsert describe 2, Preload 2 (a next page
+	// 2 on a connection's first), Tx 3, Finish 2, Close 2.
 	want := map[string]int64{
 		"connect (startup, authentication)":                    1,
 		"NewSession, the schema's first (creates the objects)": 4,
@@ -225,8 +250,11 @@ func TestRoundTrips(t *testing.T) {
 		"upsert, next 1,000 rows (1 batch, half exist)":    1,
 		"BatchSession.Close, nothing buffered (upsert)":    0,
 		"Cache.Preload, 100 rows":                          1,
+		"Cache.Preload, 100 rows in 4 pages":               4, // one per page, the next pages' too
+		"Session.Tx, nothing in it":                        2, // BEGIN, guards and fence in one; COMMIT
 		"Session.Finish":                                   1,
 		"Session.Close":                                    1,
+		"NewSession, the next incremental run":             2, // its claim, and its Close
 	}
 	var sb strings.Builder
 	fmt.Fprintf(&sb, "request→reply turns through a proxy adding %v per round trip (fresh pool; connection set-up = %d turn per connection opened):\n", rtt, connectTurns)
