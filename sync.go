@@ -151,6 +151,10 @@ func (b *BatchSession) checkSync() error {
 		return errors.New("pgetl: BatchConfig.Sync cannot be combined with SQL")
 	case cfg.KeyCache != nil || cfg.IgnoreExisting || len(cfg.Lookups) > 0:
 		return errors.New("pgetl: BatchConfig.Sync cannot be combined with KeyCache, IgnoreExisting or Lookups")
+	case b.s.cfg.Incremental:
+		// A sync reads its whole source every run: a run that continued after the
+		// last one's cursor would see only new rows and sweep the others.
+		return errors.New("pgetl: BatchConfig.Sync needs a full read of the source: not with SessionConfig.Incremental (use Restart)")
 	case sc.MaxDeleteRatio < 0 || sc.MaxDeleteRatio > 1:
 		return fmt.Errorf("pgetl: SyncConfig.MaxDeleteRatio must be in [0, 1], got %g", sc.MaxDeleteRatio)
 	case sc.SweepRows < 0:
