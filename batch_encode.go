@@ -61,10 +61,8 @@ func (b *BatchSession) encode(bt *batch, values []any) (int, error) {
 // format and the result encoded, as pgx's CopyFrom does, so "12.34" goes into a
 // numeric column.
 func (b *BatchSession) encodeValue(oid uint32, v any, buf []byte) ([]byte, error) {
-	if n, ok := v.(pgtype.Numeric); ok && oid == pgtype.NumericOID {
-		if out, ok := appendNumeric(buf, n); ok {
-			return out, nil
-		}
+	if out, ok := appendFast(oid, v, buf); ok {
+		return out, nil
 	}
 	out, err := b.m.Encode(oid, pgtype.BinaryFormatCode, v, buf)
 	if err == nil {

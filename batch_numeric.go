@@ -3,9 +3,43 @@ package pgetl
 import (
 	"encoding/binary"
 	"strconv"
+	"time"
 
 	"github.com/jackc/pgx/v5/pgtype"
 )
+
+// appendFast appends v in the binary format of type oid for the common pairs of
+// a Go type and a column type, byte for byte as pgx's codecs encode them (numeric
+// in the server's canonical form, see appendNumeric), and reports true; otherwise
+// it reports false and the caller uses pgx's codec. A row's values go through
+// here at Add, so this is the client's hot path.
+func appendFast(oid uint32, v any, buf []byte) ([]byte, bool) {
+	switch x := v.(type) {
+	case string:
+		if oid == pgtype.TextOID || oid == pgtype.VarcharOID {
+			return append(buf, x...), true
+		}
+	case int32:
+		if oid == pgtype.Int4OID {
+			return binary.BigEndian.AppendUint32(buf, uint32(x)), true
+		}
+	case int64:
+		if oid == pgtype.Int8OID {
+			return binary.BigEndian.AppendUint64(buf, uint64(x)), true
+		}
+	case time.Time:
+		if oid == pgtype.TimestamptzOID {
+			// pgx: microseconds since 2000-01-01 UTC.
+			us := x.Unix()*1_000_000 + int64(x.Nanosecond())/1000 - 946_684_800_000_000
+			return binary.BigEndian.AppendUint64(buf, uint64(us)), true
+		}
+	case pgtype.Numeric:
+		if oid == pgtype.NumericOID {
+			return appendNumeric(buf, x)
+		}
+	}
+	return buf, false
+}
 
 // appendNumeric appends n in PostgreSQL's binary numeric format, in the canonical
 // form the server itself sends (numeric_send: no leading or trailing zero base-10,000

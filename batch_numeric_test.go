@@ -7,6 +7,7 @@ import (
 	"math/big"
 	"math/rand/v2"
 	"testing"
+	"time"
 
 	"github.com/jackc/pgx/v5/pgtype"
 	"github.com/pgetl/pgetl/internal/pgtest"
@@ -42,4 +43,47 @@ func TestAppendNumeric(t *testing.T) {
 		_, ok := appendNumeric(nil, n)
 		require.False(t, ok, "%+v is left to pgx's codec", n)
 	}
+}
+
+// TestAppendFast: the fast encodings equal pgx's codecs byte for byte.
+func TestAppendFast(t *testing.T) {
+	t.Parallel()
+	m := pgtype.NewMap()
+	rng := rand.New(rand.NewPCG(16, 2))
+	var vals []struct {
+		oid uint32
+		v   any
+	}
+	add := func(oid uint32, v any) {
+		vals = append(vals, struct {
+			oid uint32
+			v   any
+		}{oid, v})
+	}
+	for _, s := range []string{"", "SKU-0000001", "Product 17 v2", "ünïcode ✓", string(make([]byte, 300))} {
+		add(pgtype.TextOID, s)
+		add(pgtype.VarcharOID, s)
+	}
+	for _, i := range []int32{0, 1, -1, math.MaxInt32, math.MinInt32, 9999} {
+		add(pgtype.Int4OID, i)
+	}
+	for _, i := range []int64{0, 1, -1, math.MaxInt64, math.MinInt64} {
+		add(pgtype.Int8OID, i)
+	}
+	for range 200 {
+		sec := rng.Int64N(8_000_000_000) - 4_000_000_000
+		add(pgtype.TimestamptzOID, time.Unix(sec, rng.Int64N(1e9)))
+		add(pgtype.TimestamptzOID, time.Unix(sec, 0).In(time.FixedZone("x", 3600*5)))
+	}
+	add(pgtype.TimestamptzOID, time.Date(1999, 12, 31, 23, 59, 59, 999_999_999, time.UTC))
+	add(pgtype.TimestamptzOID, time.Date(1, 1, 1, 0, 0, 0, 1500, time.UTC))
+	for _, c := range vals {
+		want, err := m.Encode(c.oid, pgtype.BinaryFormatCode, c.v, nil)
+		require.NoError(t, err)
+		got, ok := appendFast(c.oid, c.v, nil)
+		require.True(t, ok, "%T for %d", c.v, c.oid)
+		require.Equal(t, want, got, "%T %v for %d", c.v, c.v, c.oid)
+	}
+	_, ok := appendFast(pgtype.Int8OID, int32(1), nil)
+	require.False(t, ok, "other pairs are left to pgx")
 }
