@@ -213,6 +213,7 @@ type BatchSession struct {
 	keyIx   []int  // positions of Key in Columns
 	sql     struct {
 		copyStmt, copyNew, merge, stageStmt string
+		stageCols                           string // a set's statement part: its staging table's columns
 		update                              string // with a key cache: known rows; append their count and ");"
 	}
 	keyIndexes map[string]bool // names of the unique indexes on Key

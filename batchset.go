@@ -27,8 +27,12 @@ import (
 // round trip, tables in the order given to [Session.Batches] (parents before
 // children, for foreign keys). Tables may have lookup columns ([LookupColumn]),
 // resolved in the same transaction. Each table is loaded as a [BatchSession] loads
-// its one table (COPY, or an upsert through a staging table with Key), except the
-// statement path (SQL) and KeyCache, which a set does not take.
+// its one table (COPY, or an upsert through a staging table with Key), except
+// KeyCache, which a set does not take. A statement (SQL, the statement path) is run
+// once per row too, but on the server: its rows are COPYed into a staging table
+// and a DO block runs the statement for each, in order, in the batch's transaction
+// and message (a dynamic statement, planned per row: slower per row than a
+// BatchSession's pipeline of prepared statements, but without a round trip).
 //
 // Like a BatchSession, it commits a full batch in the background while the caller
 // adds rows to the next one, holds no connection between batches, and is not safe
@@ -115,12 +119,23 @@ func (s *Session) Batches(ctx context.Context, cfgs ...BatchConfig) (*BatchSet, 
 		if err := cfg.setDefaults(); err != nil {
 			return nil, fmt.Errorf("%w (table %d of the set)", err, i+1)
 		}
-		if cfg.SQL != "" || cfg.KeyCache != nil {
-			return nil, fmt.Errorf("pgetl: Session.Batches: table %s: a batch set takes neither SQL nor KeyCache", cfg.Table)
+		if cfg.KeyCache != nil {
+			return nil, fmt.Errorf("pgetl: Session.Batches: table %s: a batch set takes no KeyCache", cfg.Table)
+		}
+		if cfg.SQL != "" && len(cfg.Lookups) > 0 {
+			return nil, fmt.Errorf("pgetl: Session.Batches: statement %d of the set: SQL cannot have Lookups", i+1)
+		}
+		if strings.Contains(cfg.SQL, "$pgetl$") {
+			return nil, fmt.Errorf("pgetl: Session.Batches: statement %d of the set: SQL must not contain $pgetl$", i+1)
 		}
 		b := &BatchSession{s: s, cfg: cfg, m: pgtype.NewMap(), part: true}
 		if err := b.describe(ctx); err != nil {
 			return nil, err
+		}
+		if cfg.SQL != "" {
+			if err := b.describeStatement(ctx, i); err != nil {
+				return nil, err
+			}
 		}
 		set.parts = append(set.parts, b)
 	}
@@ -786,6 +801,21 @@ func (set *BatchSet) attempt(ctx context.Context, seq int64, n int, bt *setBatch
 		if len(dsel) == 0 && len(psel) == 0 {
 			continue
 		}
+		if b.cfg.SQL != "" {
+			// The statement path: the rows COPYed into a staging table of the
+			// statement's parameter types, then the statement run once per row, in
+			// order, on the server (see statementSQL).
+			stage := "pgetl_sq_" + strconv.Itoa(p)
+			q.WriteString("CREATE TEMP TABLE " + stage + " (" + b.sql.stageCols + ") ON COMMIT DROP;")
+			c, starts, nb := b.copyData(direct, dsel, 0)
+			for k := range c {
+				q.WriteString("COPY " + stage + " FROM STDIN (FORMAT binary);")
+				where = append(where, copyRows{part: p, start: starts[k], sel: dsel})
+			}
+			copies, nbytes = append(copies, c...), nbytes+nb
+			q.WriteString(b.statementSQL(stage, p))
+			continue
+		}
 		upsert := len(b.cfg.Key) > 0 && (!b.cfg.IgnoreExisting || bt.merge[p])
 		if upsert {
 			q.WriteString(strings.Replace(b.sql.stageStmt, "pgetl_stage", "pgetl_stage_"+strconv.Itoa(p), 1))
@@ -848,7 +878,16 @@ func (set *BatchSet) attempt(ctx context.Context, seq int64, n int, bt *setBatch
 		}
 	})
 	if pg := pgErrorOf(err); pg != nil && isDataError(pg.Code) {
-		if line := copyLine(pg); line > 0 && done < len(where) {
+		if p, k, ok := statementRow(pg); ok && p < len(set.parts) && set.parts[p].cfg.SQL != "" {
+			// A statement of the set failed on its k-th row.
+			b := set.parts[p]
+			if sel := selectIdx(bt.direct[p], skip); k >= 1 && k <= len(sel) {
+				src, i := bt.direct[p], sel[k-1]
+				rej := Reject{Row: src.idx[i], Cursor: src.cursors[i], SQLState: pg.Code, Message: pg.Message,
+					Column: pg.ColumnName, Constraint: pg.ConstraintName, Table: b.cfg.Table, Values: b.rowJSON(src, i)}
+				err = &setRowError{row: rej.Row, reject: rej, err: err}
+			}
+		} else if line := copyLine(pg); line > 0 && done < len(where) {
 			w := where[done]
 			if pos := w.start + line - 1; pos < len(w.sel) {
 				src := bt.direct[w.part]
@@ -1139,4 +1178,70 @@ func (set *BatchSet) mergeDone(bt *setBatch) {
 			set.gates[p].run /= 2
 		}
 	}
+}
+
+// describeStatement prepares statement part i of a set: its parameters are the
+// columns of the staging table its rows are COPYed into (named $1, $2, … in
+// rejects and errors), typed as the server resolved them (one round trip).
+func (b *BatchSession) describeStatement(ctx context.Context, i int) error {
+	var types []string
+	err := b.s.pool.QueryRow(ctx, "SELECT coalesce(array_agg(format_type(o, NULL) ORDER BY n), '{}') FROM unnest($1::oid[]) WITH ORDINALITY AS u(o, n)",
+		b.oids).Scan(&types)
+	if err != nil {
+		return fmt.Errorf("pgetl: batch statement %d of the set: parameter types: %w", i+1, err)
+	}
+	cols := make([]string, len(types))
+	b.cfg.Columns = make([]string, len(types))
+	for j, t := range types {
+		b.cfg.Columns[j] = "$" + strconv.Itoa(j+1)
+		cols[j] = "p" + strconv.Itoa(j+1) + " " + t
+	}
+	b.nvals = len(types)
+	b.sql.stageCols = strings.Join(cols, ", ")
+	if b.cfg.Table == "" {
+		b.cfg.Table = "statement " + strconv.Itoa(i+1)
+	}
+	return nil
+}
+
+// statementSQL runs the set's statement part p once per staged row, in the order
+// the rows were added (the staging table is new, so its ctid order is the COPY's),
+// with the row's values as the statement's parameters. A failing row re-raises the
+// statement's error with "pgetl row <p> <k>" in the hint (k counts from 1), which
+// statementRow reads: the other fields (SQLSTATE, message, detail, column,
+// constraint, table) are the statement's own.
+func (b *BatchSession) statementSQL(stage string, p int) string {
+	using := make([]string, b.nvals)
+	for j := range using {
+		using[j] = "r.p" + strconv.Itoa(j+1)
+	}
+	args := ""
+	if len(using) > 0 {
+		args = " USING " + strings.Join(using, ", ")
+	}
+	return `DO $pgetl$DECLARE r record; k bigint := 0; st text; msg text; det text; hint text; col text; con text; tbl text; sch text;
+BEGIN
+	FOR r IN SELECT * FROM ` + stage + ` ORDER BY ctid LOOP
+		k := k + 1;
+		EXECUTE ` + quoteLiteral(b.cfg.SQL) + args + `;
+	END LOOP;
+EXCEPTION WHEN OTHERS THEN
+	GET STACKED DIAGNOSTICS st = RETURNED_SQLSTATE, msg = MESSAGE_TEXT, det = PG_EXCEPTION_DETAIL, hint = PG_EXCEPTION_HINT,
+		col = COLUMN_NAME, con = CONSTRAINT_NAME, tbl = TABLE_NAME, sch = SCHEMA_NAME;
+	RAISE EXCEPTION USING ERRCODE = st, MESSAGE = msg, DETAIL = det, HINT = 'pgetl row ` + strconv.Itoa(p) + ` ' || k || coalesce('; ' || nullif(hint, ''), ''),
+		COLUMN = col, CONSTRAINT = con, TABLE = tbl, SCHEMA = sch;
+END$pgetl$;`
+}
+
+// statementRow reads the part and row statementSQL put in an error's hint.
+func statementRow(pg *pgconn.PgError) (p, k int, ok bool) {
+	rest, found := strings.CutPrefix(pg.Hint, "pgetl row ")
+	if !found {
+		return 0, 0, false
+	}
+	ps, rest, _ := strings.Cut(rest, " ")
+	ks, _, _ := strings.Cut(rest, ";")
+	p, err1 := strconv.Atoi(ps)
+	k, err2 := strconv.Atoi(ks)
+	return p, k, err1 == nil && err2 == nil
 }

@@ -358,3 +358,87 @@ func TestBatchSetIgnoreExistingGoesStraight(t *testing.T) {
 	require.NoError(t, err)
 	require.Equal(t, strconv.Itoa(n), cp.Cursor)
 }
+
+// TestBatchSetStatement: a set's table may be a statement (the statement path): its
+// rows run in the batch's transaction after the tables before it, in order; a row
+// the statement fails on is rejected naming the statement, the row and the reason,
+// and the rows of its record in the other tables stay (RejectToTable), or the job
+// stops at it with the rows before it committed (RejectFail). Also through PgBouncer
+// in transaction mode.
+func TestBatchSetStatement(t *testing.T) {
+	t.Parallel()
+	for _, c := range []struct {
+		policy  RejectPolicy
+		bouncer bool
+	}{{RejectToTable, false}, {RejectFail, false}, {RejectToTable, true}} {
+		policy := c.policy
+		name := map[RejectPolicy]string{RejectToTable: "reject_to_table", RejectFail: "reject_fail"}[policy]
+		if c.bouncer {
+			name += "/pgbouncer"
+		}
+		t.Run(name, func(t *testing.T) {
+			t.Parallel()
+			db := pgtest.New(t)
+			ctx := context.Background()
+			pool := db.Pool
+			if c.bouncer {
+				var err error
+				pool, err = NewPool(ctx, pgtest.WithParam(pgtest.PgBouncerURL(t), PoolerKey, "pgbouncer"))
+				require.NoError(t, err)
+				defer pool.Close()
+			}
+			db.Exec(t, `CREATE TABLE orders (order_id bigint PRIMARY KEY, total numeric(12,2) NOT NULL);
+				CREATE TABLE audit (order_id bigint NOT NULL REFERENCES orders, seq int NOT NULL, note text NOT NULL CHECK (note <> 'bad'),
+					PRIMARY KEY (order_id, seq))`)
+			s, err := NewSession(ctx, pool, SessionConfig{Job: "stmt", CheckpointSchema: db.Schema})
+			require.NoError(t, err)
+			defer s.Close(ctx)
+			set, err := s.Batches(ctx,
+				BatchConfig{Table: db.Schema + ".orders", Columns: []string{"order_id", "total"}, CommitRows: 150, Rejects: policy},
+				// Each order's audit row, numbered by a subquery: a statement, not a COPY.
+				BatchConfig{Table: "audit statement", SQL: `INSERT INTO ` + db.Schema + `.audit (order_id, seq, note)
+					SELECT $1, coalesce(max(seq), 0) + 1, $2 FROM ` + db.Schema + `.audit WHERE order_id = $1`})
+			require.NoError(t, err)
+			const n, bad = 400, 237
+			for i := int64(1); i <= n; i++ {
+				note := "order " + strconv.FormatInt(i, 10)
+				if i == bad {
+					note = "bad"
+				}
+				err := set.Add(ctx, strconv.FormatInt(i, 10), []any{i, "12.50"}, []any{i, note})
+				if policy == RejectFail && err != nil {
+					break
+				}
+				require.NoError(t, err)
+			}
+			err = set.Close(ctx)
+			if policy == RejectFail {
+				var be *BatchError
+				require.ErrorAs(t, err, &be)
+				require.Equal(t, strconv.Itoa(bad), be.Cursor)
+				require.Equal(t, "23514", be.SQLState)
+				require.True(t, be.Committed, "the rows before it are committed")
+				require.Contains(t, be.Error(), "audit statement")
+				require.Equal(t, int64(bad-1), db.Int(t, "SELECT count(*) FROM audit"))
+				require.Equal(t, int64(bad-1), db.Int(t, "SELECT count(*) FROM orders"))
+				cp, err := s.Checkpoint(ctx)
+				require.NoError(t, err)
+				require.Equal(t, strconv.Itoa(bad-1), cp.Cursor)
+				return
+			}
+			require.NoError(t, err)
+			require.Equal(t, int64(n), db.Int(t, "SELECT count(*) FROM orders"))
+			require.Equal(t, int64(n-1), db.Int(t, "SELECT count(*) FROM audit WHERE seq = 1 AND note = 'order ' || order_id"))
+			var table, sqlstate, row string
+			require.NoError(t, db.Pool.QueryRow(ctx, "SELECT table_name, sqlstate, row::text FROM reject WHERE cursor = $1",
+				strconv.Itoa(bad)).Scan(&table, &sqlstate, &row))
+			require.Equal(t, "audit statement", table)
+			require.Equal(t, "23514", sqlstate)
+			require.JSONEq(t, `{"$1": 237, "$2": "bad"}`, row)
+			cp, err := s.Checkpoint(ctx)
+			require.NoError(t, err)
+			require.Equal(t, strconv.Itoa(n), cp.Cursor)
+			require.Equal(t, int64(1), cp.Rejects)
+		})
+	}
+}
