@@ -165,11 +165,19 @@ type BatchResult struct {
 	Attempts int           // attempts made (1 without retries)
 	InDoubt  bool          // an attempt's outcome was in doubt and found committed
 
-	// With BatchConfig.Sync: what the batch did with its rows (Rows is Inserted +
-	// Updated + Merged), or, for a transaction of BatchSession.Sweep, Deleted.
+	// What the batch did with its rows. Unchanged rows are those an upsert left as
+	// they were: not sent at all by a sync (BatchConfig.Sync), or sent and left
+	// alone by the merge (IgnoreExisting, OnlyChanged, a Key that is all the
+	// Columns). Rows is Inserted + Updated + Merged, plus the Unchanged rows a merge
+	// left alone (a sync's unchanged rows are not sent, and not in Rows). A plain insert's rows are all
+	// Inserted; an upsert's split is reported by its merge (or known from its
+	// KeyCache or sync hashes). The split is left at zero where pgetl does not learn
+	// it: the statement path, a batch whose bad rows were isolated, an upsert whose
+	// commit was in doubt and whose report was lost, a BatchSet batch with a
+	// statement table. For a transaction of BatchSession.Sweep, Deleted.
 	Inserted  int64 // rows whose key was new
 	Updated   int64 // rows that changed an existing row
-	Unchanged int64 // rows equal to their key's row: not sent
+	Unchanged int64 // rows equal to (IgnoreExisting: kept as) their key's row
 	Merged    int64 // rows followed in the batch by a row of the same key, which won
 	Deleted   int64 // rows deleted (or marked) by a sweep
 }
@@ -214,6 +222,7 @@ type BatchSession struct {
 	sql     struct {
 		copyStmt, copyNew, merge, stageStmt string
 		stageCols                           string // a set's statement part: its staging table's columns
+		mergeCount                          string // merge, reporting the rows it inserted and updated (see countsSQL)
 		update                              string // with a key cache: known rows; append their count and ");"
 	}
 	keyIndexes map[string]bool // names of the unique indexes on Key
@@ -268,6 +277,10 @@ type batch struct {
 	record  []func() // what committed, to account for once the batches before it are
 	extra   int      // bytes held outside buf: the statement path's values, rejects
 	sync    syncBatch
+	// counts is what the committed attempt did, as its merge reported it (an
+	// upsert without a key cache), and counted says that it reported.
+	counts  rowCounts
+	counted bool
 }
 
 func (bt *batch) reset() {
@@ -277,6 +290,7 @@ func (bt *batch) reset() {
 	bt.keys, bt.vals, bt.rejects, bt.last, bt.seen, bt.extra = bt.keys[:0], bt.vals[:0], nil, nil, 0, 0
 	bt.keyVals, bt.known, bt.stale, bt.record = bt.keyVals[:0], bt.known[:0], false, nil
 	bt.sync.reset()
+	bt.counts, bt.counted = rowCounts{}, false
 }
 
 func (bt *batch) rows() int { return len(bt.idx) }

@@ -84,6 +84,7 @@ func (b *BatchSession) commitUnit(ctx context.Context, bt *batch, seq int64) err
 			good = nil
 			if err == nil {
 				rows, rej, sent := int64(len(applied))+merged, rejects, sent
+				bt.counted = false // the isolation's merges do not report
 				bt.record = append(bt.record, func() {
 					b.recordCommit(seq, bt, bt.last, applied, rows, rej, sent, t0)
 				})
@@ -213,7 +214,7 @@ func (b *BatchSession) attempt(ctx context.Context, seq int64, n int, bt *batch,
 	if cached && !noRows {
 		q.WriteString(b.sql.update + strconv.Itoa(known) + ");")
 	} else if !cached && !noRows {
-		q.WriteString(b.sql.merge)
+		q.WriteString(b.sql.mergeCount)
 	}
 	if !probe && b.sync != nil {
 		// A sync's seen keys, after the fence, as the message's last COPY.
@@ -228,7 +229,26 @@ func (b *BatchSession) attempt(ctx context.Context, seq int64, n int, bt *batch,
 		q.WriteString(b.rejectSQL(seq, rejects))
 		q.WriteString("COMMIT")
 	}
-	tag, done, err := sendBatch(ctx, pgc, q.String(), copies)
+	var counts rowCounts
+	counted := false
+	tag, done, err := sendBatchRows(ctx, pgc, q.String(), copies, func(vals [][]byte) {
+		if len(vals) == 4 && string(vals[0]) == "pgetl_n" {
+			if _, ins, upd, ok := parseCounts(vals[1:]); ok {
+				counts, counted = rowCounts{inserted: ins, updated: upd}, true
+			}
+		}
+	})
+	if !probe {
+		// What this attempt did, if it is the one that commits (or committed, in
+		// doubt): a key cache knows which keys exist, a plain insert inserts.
+		switch {
+		case len(b.cfg.Key) == 0:
+			counts, counted = rowCounts{inserted: int64(len(sel))}, true
+		case cached:
+			counts, counted = rowCounts{inserted: int64(len(sel) - known), updated: int64(known)}, true
+		}
+		bt.counts, bt.counted = counts, counted
+	}
 	if pg := pgErrorOf(err); pg != nil && isDataError(pg.Code) {
 		if line := copyLine(pg); line > 0 && done < len(starts) {
 			if pos := starts[done] + line - 1; pos < len(sel) {

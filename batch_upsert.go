@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"reflect"
+	"strconv"
 	"strings"
 
 	"github.com/jackc/pgx/v5"
@@ -133,6 +134,7 @@ func (b *BatchSession) upsertSQL(quoted []string) error {
 	b.sql.stageStmt = "CREATE TEMP TABLE pgetl_stage ON COMMIT DROP AS SELECT " + b.cols + " FROM " + b.table + " WITH NO DATA;"
 	b.sql.copyStmt = "COPY pgetl_stage (" + b.cols + ") FROM STDIN (FORMAT binary);"
 	b.sql.merge = merge + ";"
+	b.sql.mergeCount = countsSQL(merge, -1)
 	if cfg.KeyCache == nil {
 		return nil
 	}
@@ -336,4 +338,27 @@ func (b *BatchSession) checkKeyType() error {
 	}
 	return fmt.Errorf("pgetl: BatchConfig.KeyCache holds keys of Go type %s, which do not match key column %q of type %s: use a Cache whose key type is the column's (and pass keys of that type to Add)",
 		goType, b.cfg.Key[0], name)
+}
+
+// countsSQL wraps merge (an INSERT … ON CONFLICT into "t") so that it reports how
+// many rows it inserted and how many it updated: a row the statement inserted has
+// xmax 0, one it updated carries the statement's own lock in xmax. The report is a
+// row 'pgetl_n', part, inserted, updated (part: a set's table, -1 for a
+// BatchSession). Rows it left alone (DO NOTHING, or OnlyChanged and equal) are not
+// returned: the caller knows how many it staged.
+func countsSQL(merge string, part int) string {
+	return "WITH pgetl_m AS (" + merge + " RETURNING t.xmax = 0 AS ins) SELECT 'pgetl_n', " + strconv.Itoa(part) +
+		", count(*) FILTER (WHERE ins), count(*) FILTER (WHERE NOT ins) FROM pgetl_m;"
+}
+
+// parseCounts reads a countsSQL report row (without its 'pgetl_n' mark): the part,
+// inserted and updated.
+func parseCounts(vals [][]byte) (part int, inserted, updated int64, ok bool) {
+	if len(vals) != 3 {
+		return 0, 0, 0, false
+	}
+	p, err1 := strconv.Atoi(string(vals[0]))
+	ins, err2 := strconv.ParseInt(string(vals[1]), 10, 64)
+	upd, err3 := strconv.ParseInt(string(vals[2]), 10, 64)
+	return p, ins, upd, err1 == nil && err2 == nil && err3 == nil
 }

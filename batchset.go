@@ -87,9 +87,13 @@ type setBatch struct {
 	rej    []Reject  // rows Add refused
 	last   *string
 	merge  []bool // per table with IgnoreExisting: merge through a staging table
-	seen   int64  // source records added
-	rows   int    // table rows buffered
-	bytes  int
+	// counts is what the last attempt that committed (or may have) did, counted
+	// whether all of it is known (see BatchResult.Inserted).
+	counts  rowCounts
+	counted bool
+	seen    int64 // source records added
+	rows    int   // table rows buffered
+	bytes   int
 }
 
 type setReq struct {
@@ -543,6 +547,7 @@ type unitResult struct {
 	t0      time.Time
 	report  []resolved
 	bt      *setBatch
+	counts  rowCounts
 }
 
 // commit commits bt, one batch at a time (InFlight 1): all its tables' rows, its
@@ -629,7 +634,7 @@ func (set *BatchSet) commitUnit(ctx context.Context, bt *setBatch, seq int64) (*
 		if err == nil {
 			set.mergeDone(bt)
 			return &unitResult{seq: seq, cursor: cursor, rows: rows - int64(len(unknown)), rejects: append(rejects, unknown...),
-				sent: sent, t0: t0, report: report, bt: bt}, nil
+				sent: sent, t0: t0, report: report, bt: bt, counts: bt.knownCounts()}, nil
 		}
 		pg := pgErrorOf(err)
 		if pg != nil && ctx.Err() == nil && set.keyConflict(bt, pg) {
@@ -709,18 +714,14 @@ func (set *BatchSet) failAt(ctx context.Context, seq int64, bt *setBatch, skip m
 	}
 	berr.Committed = true
 	return &unitResult{seq: seq, cursor: cursor, rows: rows - int64(len(unknown)), rejects: append(keep, unknown...),
-		sent: sent, t0: t0, report: report, bt: bt}, berr
+		sent: sent, t0: t0, report: report, bt: bt, counts: bt.knownCounts()}, berr
 }
 
 // record accounts for a committed unit: checkpoint, counts, OnCommitFunc, and the
 // keys its transaction resolved into the lookups' caches.
 func (set *BatchSet) record(r *unitResult) {
-	set.committed(r.seq, r.cursor, r.rows, r.rejects, r.sent, r.t0)
+	set.s.batchCommitted(r.seq, r.cursor, r.rows, r.rejects, r.sent, r.t0, set.cfg.OnCommitFunc, r.counts)
 	set.publish(r.bt, r.report)
-}
-
-func (set *BatchSet) committed(seq int64, cursor *string, rows int64, rejects []Reject, sent int64, t0 time.Time) {
-	set.s.batchCommitted(seq, cursor, rows, rejects, sent, t0, set.cfg.OnCommitFunc)
 }
 
 // publish puts the keys the batch's transaction resolved into the lookups' caches:
@@ -779,7 +780,12 @@ func (set *BatchSet) attempt(ctx context.Context, seq int64, n int, bt *setBatch
 	var copies []net.Buffers
 	var where []copyRows // which rows each COPY carries
 	var nbytes, rows int64
-	var adjust []string // per table with pending rows: the count of rows its lookups reject
+	var adjust []string       // per table with pending rows: the count of rows its lookups reject
+	plain := map[int]int64{}  // per table inserted straight: its rows sent
+	staged := map[int]int64{} // per table merged: its rows staged
+	known := true             // whether the counts can be known (no statement table)
+	type merged struct{ ins, upd int64 }
+	reported := map[int]merged{} // per merged table: what its merge reported
 	q.WriteString("BEGIN;")
 	q.WriteString(s.guardSQL(seq))
 	for p := range set.parts {
@@ -802,6 +808,7 @@ func (set *BatchSet) attempt(ctx context.Context, seq int64, n int, bt *setBatch
 			continue
 		}
 		if b.cfg.SQL != "" {
+			known = false
 			// The statement path: the rows COPYed into a staging table of the
 			// statement's parameter types, then the statement run once per row, in
 			// order, on the server (see statementSQL).
@@ -817,6 +824,11 @@ func (set *BatchSet) attempt(ctx context.Context, seq int64, n int, bt *setBatch
 			continue
 		}
 		upsert := len(b.cfg.Key) > 0 && (!b.cfg.IgnoreExisting || bt.merge[p])
+		if upsert {
+			staged[p] = int64(len(dsel) + len(psel))
+		} else {
+			plain[p] = int64(len(dsel) + len(psel))
+		}
 		if upsert {
 			q.WriteString(strings.Replace(b.sql.stageStmt, "pgetl_stage", "pgetl_stage_"+strconv.Itoa(p), 1))
 		}
@@ -850,7 +862,7 @@ func (set *BatchSet) attempt(ctx context.Context, seq int64, n int, bt *setBatch
 			adjust = append(adjust, "(SELECT count(*) FROM "+stage+" WHERE "+b.unresolvedCond()+")")
 		}
 		if upsert {
-			q.WriteString(strings.Replace(b.sql.merge, "pgetl_stage", "pgetl_stage_"+strconv.Itoa(p), 1))
+			q.WriteString(countsSQL(strings.TrimSuffix(strings.Replace(b.sql.merge, "pgetl_stage", "pgetl_stage_"+strconv.Itoa(p), 1), ";"), p))
 		}
 	}
 	if len(adjust) > 0 {
@@ -865,6 +877,12 @@ func (set *BatchSet) attempt(ctx context.Context, seq int64, n int, bt *setBatch
 	var unknown []Reject
 	var decodeErr error
 	tag, done, err := sendBatchRows(ctx, pgc, q.String(), copies, func(vals [][]byte) {
+		if len(vals) == 4 && string(vals[0]) == "pgetl_n" {
+			if p, ins, upd, ok := parseCounts(vals[1:]); ok {
+				reported[p] = merged{ins, upd}
+			}
+			return
+		}
 		if len(vals) < 2 || string(vals[0]) != "pgetl_lk" {
 			return // the fence's and other functions' results
 		}
@@ -877,6 +895,27 @@ func (set *BatchSet) attempt(ctx context.Context, seq int64, n int, bt *setBatch
 			unknown = append(unknown, *unk)
 		}
 	})
+	// What this attempt did, should it be the one that commits (or committed, in
+	// doubt): the rows of tables inserted straight, the merges' reports, less the
+	// rows rejected for an unknown key.
+	unk := map[string]int64{}
+	for _, r := range unknown {
+		unk[r.Table]++
+	}
+	var cnt rowCounts
+	for p, n := range plain {
+		cnt.inserted += n - unk[set.parts[p].cfg.Table]
+	}
+	for p, n := range staged {
+		r, ok := reported[p]
+		if !ok {
+			known = false
+			continue
+		}
+		cnt.inserted, cnt.updated = cnt.inserted+r.ins, cnt.updated+r.upd
+		cnt.unchanged += n - unk[set.parts[p].cfg.Table] - r.ins - r.upd
+	}
+	bt.counts, bt.counted = cnt, known
 	if pg := pgErrorOf(err); pg != nil && isDataError(pg.Code) {
 		if p, k, ok := statementRow(pg); ok && p < len(set.parts) && set.parts[p].cfg.SQL != "" {
 			// A statement of the set failed on its k-th row.
@@ -1110,6 +1149,15 @@ func jsonLiteral(j string) string {
 		j = "null"
 	}
 	return quoteLiteral(strings.ToValidUTF8(strings.ReplaceAll(j, "\x00", ""), "?"))
+}
+
+// knownCounts returns the counts of bt's committed attempt, or zero when they are
+// not all known.
+func (bt *setBatch) knownCounts() rowCounts {
+	if !bt.counted {
+		return rowCounts{}
+	}
+	return bt.counts
 }
 
 // mergePlan decides, per table with IgnoreExisting, whether bt merges (see

@@ -605,14 +605,9 @@ func (s *Session) committed(seq int64, cursor *string, rows, rejects, bytes int6
 }
 
 // batchCommitted records a committed batch (of a BatchSession or a BatchSet): the
-// checkpoint, the counts, the flush time, and the batch's and the session's
-// OnCommitFunc. Called in batch order.
-func (s *Session) batchCommitted(seq int64, cursor *string, rows int64, rejects []Reject, sent int64, t0 time.Time, onCommit func(BatchResult)) {
-	s.batchCommittedCounts(seq, cursor, rows, rejects, sent, t0, onCommit, syncCounts{})
-}
-
-// batchCommittedCounts is batchCommitted with a sync batch's counts (see sync.go).
-func (s *Session) batchCommittedCounts(seq int64, cursor *string, rows int64, rejects []Reject, sent int64, t0 time.Time, onCommit func(BatchResult), sc syncCounts) {
+// checkpoint, the counts (sc: inserted, updated, …; see BatchResult), the flush
+// time, and the batch's and the session's OnCommitFunc. Called in batch order.
+func (s *Session) batchCommitted(seq int64, cursor *string, rows int64, rejects []Reject, sent int64, t0 time.Time, onCommit func(BatchResult), sc rowCounts) {
 	s.committed(seq, cursor, rows, int64(len(rejects)), sent)
 	s.rejLog.log(s.log, s.cfg.Job, seq, rejects)
 	d := time.Since(t0)

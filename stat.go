@@ -11,7 +11,7 @@ type statCounters struct {
 	txs                           int64
 	holdNanos, flushNanos         int64
 	retries                       map[string]int64
-	sync                          syncCounts // BatchConfig.Sync batches and sweeps
+	sync                          rowCounts // BatchConfig.Sync batches and sweeps
 }
 
 // Stat is a snapshot of a session's counters, taken by [Session.Stat].

@@ -82,8 +82,8 @@ type SweepResult struct {
 	Transactions   int   // transactions committed by this call
 }
 
-// syncCounts are what a committed sync batch did with its rows.
-type syncCounts struct {
+// rowCounts are what a committed batch did with its rows (see BatchResult.Inserted).
+type rowCounts struct {
 	inserted, updated, unchanged, merged, deleted int64
 }
 
@@ -594,12 +594,12 @@ func (b *BatchSession) seenCopy(bt *batch, seq int64) (string, net.Buffers) {
 // syncCommitted updates the row hashes with rows sel of bt, which committed, and
 // returns the batch's counts; rows is what the batch committed (sel and the rows
 // merged into a later row of their key). Called in commit order.
-func (b *BatchSession) syncCommitted(seq int64, bt *batch, sel []int, rows int64) syncCounts {
+func (b *BatchSession) syncCommitted(seq int64, bt *batch, sel []int, rows int64) rowCounts {
 	if b.sync == nil {
-		return syncCounts{}
+		return rowCounts{}
 	}
 	sb := &bt.sync
-	c := syncCounts{unchanged: sb.unchanged, merged: rows - int64(len(sel))}
+	c := rowCounts{unchanged: sb.unchanged, merged: rows - int64(len(sel))}
 	t := b.sync.hashes
 	t.mu.Lock()
 	defer t.mu.Unlock()
@@ -624,7 +624,10 @@ func (b *BatchSession) syncCommitted(seq int64, bt *batch, sel []int, rows int64
 // checkpoint and the batch's result, the key cache. Called in commit order.
 func (b *BatchSession) recordCommit(seq int64, bt *batch, cursor *string, sel []int, rows int64, rejects []Reject, sent int64, t0 time.Time) {
 	c := b.syncCommitted(seq, bt, sel, rows)
-	b.s.batchCommittedCounts(seq, cursor, rows, rejects, sent, t0, b.cfg.OnCommitFunc, c)
+	if b.sync == nil {
+		c = b.plainCounts(bt, sel, rows)
+	}
+	b.s.batchCommitted(seq, cursor, rows, rejects, sent, t0, b.cfg.OnCommitFunc, c)
 	b.publishKeys(bt, sel)
 }
 
@@ -792,7 +795,7 @@ func (b *BatchSession) Sweep(ctx context.Context) (SweepResult, error) {
 	return res, nil
 }
 
-func (c *syncCounts) add(o syncCounts) {
+func (c *rowCounts) add(o rowCounts) {
 	c.inserted += o.inserted
 	c.updated += o.updated
 	c.unchanged += o.unchanged
@@ -800,18 +803,19 @@ func (c *syncCounts) add(o syncCounts) {
 	c.deleted += o.deleted
 }
 
-// Inserted returns the rows of sync batches ([BatchConfig.Sync]) whose key was new.
+// Inserted returns the rows the session's batches inserted (see [BatchResult] for
+// where the split is known).
 func (st Stat) Inserted() int64 { return st.c.sync.inserted }
 
-// Updated returns the rows of sync batches that changed an existing row.
+// Updated returns the rows the session's batches updated.
 func (st Stat) Updated() int64 { return st.c.sync.updated }
 
-// Unchanged returns the rows of sync batches that equalled their key's row and
-// were not sent.
+// Unchanged returns the rows the session's upserts left as they were: not sent by
+// a sync, or left alone by a merge.
 func (st Stat) Unchanged() int64 { return st.c.sync.unchanged }
 
-// Merged returns the rows of sync batches followed in their batch by a row of the
-// same key (the later row was written).
+// Merged returns the rows followed in their batch by a row of the same key, which
+// won.
 func (st Stat) Merged() int64 { return st.c.sync.merged }
 
 // Deleted returns the rows deleted (or marked) by [BatchSession.Sweep].
@@ -824,4 +828,24 @@ func (b *BatchSession) SyncCache() (keys int, bytes int64) {
 		return 0, 0
 	}
 	return b.sync.hashes.len(), b.sync.hashes.bytes()
+}
+
+// plainCounts returns the counts of a committed batch that is not a sync's: rows
+// inserted, updated, left unchanged by the merge (DO NOTHING, or OnlyChanged and
+// equal) and merged into a later row of their key. It is all zero when the
+// committed attempt's split is unknown: the statement path, a batch whose bad rows
+// were isolated, an upsert whose commit was in doubt and whose report was lost.
+func (b *BatchSession) plainCounts(bt *batch, sel []int, rows int64) rowCounts {
+	switch {
+	case b.cfg.SQL != "":
+		return rowCounts{}
+	case len(b.cfg.Key) == 0:
+		return rowCounts{inserted: int64(len(sel))}
+	case !bt.counted:
+		return rowCounts{}
+	}
+	c := bt.counts
+	c.merged = rows - int64(len(sel))
+	c.unchanged = int64(len(sel)) - c.inserted - c.updated
+	return c
 }
