@@ -369,7 +369,7 @@ func (j *job) summary(o outcome) {
 		fmt.Fprintf(w, "  resumed     after %s\n", j.src.Where(o.resumedAt))
 	}
 	fmt.Fprintf(w, "  lines read  %d (order headers added %d)\n", j.read.Load(), j.headers.Load())
-	fmt.Fprintf(w, "  loaded      %d rows (headers and lines)\n", st.Rows())
+	fmt.Fprintf(w, "  loaded      %d rows (headers and lines: %d inserted, %d headers already there)\n", st.Rows(), st.Inserted(), st.Unchanged())
 	fmt.Fprintf(w, "  rejects     %d\n", st.Rejects())
 	fmt.Fprintf(w, "  batches     %d\n", st.Batches())
 	fmt.Fprintf(w, "  retries     %d\n", st.TotalRetries())
