@@ -28,18 +28,26 @@ import (
 //     source row, Sweep, Close;
 //   - psql_copy: psql \copy of the same source rows (a CSV file written
 //     beforehand) into an empty table, psql's start included;
-//   - seed: the seed job's pattern doing the same re-sync, one upsert statement
-//     per row and a commit every 25 rows, on a sample of the source rows (its rate
-//     is what matters; the deletes are not even counted).
+//   - seed: the seed job's pattern doing the same re-sync, ported to pgx: one
+//     upsert statement per row and a commit every 25 rows, on a sample of the
+//     source rows (its rate is what matters; the deletes are not even counted);
+//   - seed_orm: the seed job's own pattern, Python and the SQLAlchemy ORM
+//     (testdata/seed_sync.py run by /usr/bin/python3: a lookup by sku, attributes
+//     set or a Product added, a commit every 25 rows), on a sample of 2,000 source
+//     rows spread over the source (200 with PGETL_BENCH_SMALL=1), Python's start-up
+//     and connection excluded. It needs SQLAlchemy and psycopg2 for
+//     /usr/bin/python3 (apt-get install -y python3-sqlalchemy python3-psycopg2):
+//     the benchmark fails without them.
 //
 // It reports each one's source rows/s and the ratios x_copy (resync speed over
 // \copy's: the bar is 2 at 500k, its goal 3 at 1M; x_copy_best compares
-// the fastest iteration of each) and x_seed, and the bytes the seen set takes on
-// the server per source row.
+// the fastest iteration of each), x_seed and x_seed_orm (the bar: 100),
+// and the bytes the seen set takes on the server per source row.
 func BenchmarkSync(b *testing.B) {
 	if _, err := exec.LookPath("psql"); err != nil {
 		b.Fatalf("psql is needed for the \\copy baseline: %v", err)
 	}
+	checkSeedORM(b)
 	sizes := []int64{500_000, 1_000_000}
 	if workload.Small() {
 		sizes = []int64{20_000}
@@ -67,6 +75,7 @@ func benchSync(b *testing.B, n int64) {
 	var resync, copyT, seedT time.Duration
 	bestResync, bestCopy := time.Duration(math.MaxInt64), time.Duration(math.MaxInt64)
 	var seedRows int64
+	var ormRows, ormSeconds float64
 	var seenBytes int64
 	job := 0
 	for b.Loop() {
@@ -154,6 +163,17 @@ func benchSync(b *testing.B, n int64) {
 		}
 		seedT += time.Since(t0)
 		seedRows += sample
+
+		// The seed job itself: testdata/seed_sync.py, SQLAlchemy ORM with a commit
+		// every 25 rows, on a sample spread over the source rows, into the table at
+		// version 1 (reloaded).
+		db.Exec(b, "TRUNCATE "+tbl)
+		if _, err := db.Pool.CopyFrom(ctx, pgx.Identifier{db.Schema, "products"}, workload.Columns, workload.NewSource(1, n, 1)); err != nil {
+			b.Fatal(err)
+		}
+		orm := runSeedORM(b, db.BaseURL, db.Schema, csvPath, cursors, n, src)
+		ormSeconds += orm.seconds
+		ormRows += orm.rows
 		b.StartTimer()
 	}
 	loops := float64(b.N)
@@ -168,7 +188,72 @@ func benchSync(b *testing.B, n int64) {
 	// runs (-benchtime=3x or more).
 	b.ReportMetric(bestCopy.Seconds()/bestResync.Seconds(), "x_copy_best")
 	b.ReportMetric(resyncRate/seedRate, "x_seed")
+	ormRate := ormRows / ormSeconds
+	b.ReportMetric(ormRate, "seed_orm_rows/s")
+	b.ReportMetric(resyncRate/ormRate, "x_seed_orm")
 	b.ReportMetric(float64(seenBytes)/loops/float64(len(rows)), "seen_B/row")
+}
+
+// seedPython is the interpreter of the seed job's ORM pattern: Debian's, where
+// apt-get installs SQLAlchemy and psycopg2 (a python3 earlier on PATH, such as a
+// pyenv shim, may lack them).
+const seedPython = "/usr/bin/python3"
+
+// checkSeedORM fails b unless seedPython imports SQLAlchemy and psycopg2.
+func checkSeedORM(b *testing.B) {
+	b.Helper()
+	out, err := exec.Command(seedPython, "-c", "import sqlalchemy, psycopg2").CombinedOutput()
+	if err != nil {
+		b.Fatalf("the seed's ORM baseline needs SQLAlchemy and psycopg2 for %s: apt-get install -y python3-sqlalchemy python3-psycopg2 (%v: %s)",
+			seedPython, err, strings.TrimSpace(string(out)))
+	}
+}
+
+// seedORMResult is what testdata/seed_sync.py measured.
+type seedORMResult struct {
+	rows, seconds float64
+}
+
+// runSeedORM runs testdata/seed_sync.py on a sample of the source rows in
+// csvPath (every stride-th of src's rows: cursors are their row numbers, n the rows
+// of the table at version 1) into schema's products table, and checks the rows it
+// updated and inserted against the sample.
+func runSeedORM(b *testing.B, url, schema, csvPath string, cursors []string, n int64, src syncSource) seedORMResult {
+	b.Helper()
+	sample := workload.N(2000, 200)
+	stride := max(1, len(cursors)/sample)
+	var wantUpdated, wantInserted int
+	for k, c := 0, 0; k < len(cursors) && c < sample; k, c = k+stride, c+1 {
+		i, _ := strconv.ParseInt(cursors[k], 10, 64)
+		switch {
+		case i > n:
+			wantInserted++
+		case workload.SyncVersion(i, src.v, src.changedEvery) != 1:
+			wantUpdated++
+		}
+	}
+	out, err := exec.Command(seedPython, filepath.Join("testdata", "seed_sync.py"), url, schema, csvPath,
+		strconv.Itoa(sample), strconv.Itoa(stride)).CombinedOutput()
+	if err != nil {
+		b.Fatalf("testdata/seed_sync.py: %v: %s", err, out)
+	}
+	got := map[string]float64{}
+	for _, f := range strings.Fields(string(out)) {
+		k, v, ok := strings.Cut(f, "=")
+		if !ok {
+			continue
+		}
+		x, err := strconv.ParseFloat(v, 64)
+		if err != nil {
+			b.Fatalf("testdata/seed_sync.py: %q in %q", f, out)
+		}
+		got[k] = x
+	}
+	if got["rows"] != float64(min(sample, (len(cursors)+stride-1)/stride)) || got["seconds"] <= 0 ||
+		got["updated"] != float64(wantUpdated) || got["inserted"] != float64(wantInserted) {
+		b.Fatalf("testdata/seed_sync.py: %q: want %d rows, %d updated, %d inserted", out, sample, wantUpdated, wantInserted)
+	}
+	return seedORMResult{rows: got["rows"], seconds: got["seconds"]}
 }
 
 // writeSyncCSV writes the rows of src as a CSV file of workload.CSVHeader.
