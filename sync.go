@@ -674,19 +674,24 @@ func (b *BatchSession) Sweep(ctx context.Context) (SweepResult, error) {
 		return res, fmt.Errorf("pgetl: sweep: read the seen set of job %q: %w", job, err)
 	}
 
-	// The rows whose key was not seen, as binary COPY tuples of the key columns.
+	// The rows whose key was not seen, as binary COPY tuples of their ctid and key
+	// columns: each transaction of the sweep deletes a row by its ctid, and only if
+	// the row there still holds the key found (a TID scan rather than a lookup in the
+	// key's index).
 	keyList := make([]string, len(st.keyCols))
+	tKeys := make([]string, len(st.keyCols))
 	for k, i := range st.keyCols {
 		keyList[k] = pgx.Identifier{b.cfg.Columns[i]}.Sanitize()
+		tKeys[k] = "t." + keyList[k]
 	}
 	keySel := strings.Join(keyList, ", ")
 	where := ""
 	if st.markIx >= 0 {
 		where = " WHERE " + pgx.Identifier{st.cfg.MarkColumn}.Sanitize() + " IS NULL"
 	}
-	all := make([]int, len(st.keyCols))
+	all := make([]int, len(st.keyCols)) // the key's fields, after the ctid
 	for k := range all {
-		all[k] = k
+		all[k] = k + 1
 	}
 	var missing [][]byte // each a chunk of tuples
 	var chunk []byte
@@ -710,24 +715,26 @@ func (b *BatchSession) Sweep(ctx context.Context) (SweepResult, error) {
 	}
 	if st.markIx < 0 {
 		// The rows the preload found whose key was not seen: fetch their keys by
-		// ctid (a TID scan), not by reading the table again. A fetched row whose
-		// key was seen (the place was reused) is skipped; a row moved since the
-		// preload (another writer updated it) is left for the next sync.
+		// ctid (a nested loop of TID scans over the list: ctid = ANY of a literal
+		// array is planned as a scan of the whole table), not by reading the table
+		// again. A fetched row whose key was seen (the place was reused) is
+		// skipped; a row moved since the preload (another writer updated it) is
+		// left for the next sync.
 		locs, n := t.unseen()
 		res.Table = int64(t.len())
 		if st.cfg.MaxDeleteRatio < 1 && float64(int64(n)+res.DeletedAlready) > st.cfg.MaxDeleteRatio*float64(res.Table+res.DeletedAlready) {
 			nMissing = int64(n)
 		} else {
 			for p := 0; p < len(locs); p += st.cfg.SweepRows {
-				err = b.copyOut(ctx, "COPY (SELECT "+keySel+" FROM "+b.table+" WHERE ctid = ANY('"+tidArray(locs[p:min(p+st.cfg.SweepRows, len(locs))])+
-					"'::tid[])) TO STDOUT (FORMAT binary)", keep)
+				err = b.copyOut(ctx, "COPY (SELECT t.ctid, "+strings.Join(tKeys, ", ")+" FROM unnest('"+tidArray(locs[p:min(p+st.cfg.SweepRows, len(locs))])+
+					"'::tid[]) AS l(tid) JOIN "+b.table+" t ON t.ctid = l.tid) TO STDOUT (FORMAT binary)", keep)
 				if err != nil {
 					return res, fmt.Errorf("pgetl: sweep: read the keys of the rows of %s to delete: %w", b.cfg.Table, err)
 				}
 			}
 		}
 	} else {
-		err = b.copyOut(ctx, "COPY (SELECT "+keySel+" FROM "+b.table+where+") TO STDOUT (FORMAT binary)", func(tuple []byte) error {
+		err = b.copyOut(ctx, "COPY (SELECT ctid, "+keySel+" FROM "+b.table+where+") TO STDOUT (FORMAT binary)", func(tuple []byte) error {
 			res.Table++
 			return keep(tuple)
 		})
@@ -745,8 +752,10 @@ func (b *BatchSession) Sweep(ctx context.Context) (SweepResult, error) {
 			100*float64(nMissing+res.DeletedAlready)/float64(max(total, 1)), res.DeletedAlready, st.cfg.MaxDeleteRatio)
 	}
 
-	stage := "CREATE TEMP TABLE pgetl_sweep ON COMMIT DROP AS SELECT " + keySel + " FROM " + b.table + " WITH NO DATA"
-	var match []string
+	// A row is deleted where it was found and only if it still holds its key: a row
+	// moved since (another writer updated it) is left for the next sync.
+	stage := "CREATE TEMP TABLE pgetl_sweep ON COMMIT DROP AS SELECT ctid AS pgetl_tid, " + keySel + " FROM " + b.table + " WITH NO DATA"
+	match := []string{"t.ctid = s.pgetl_tid"}
 	for _, k := range keyList {
 		match = append(match, "t."+k+" = s."+k)
 	}
