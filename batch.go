@@ -214,6 +214,7 @@ type BatchSession struct {
 	sql     struct {
 		copyStmt, copyNew, merge, stageStmt string
 		update                              string // with a key cache: known rows; append their count and ");"
+		copyTID                             string // a sync's COPY of known rows with their ctid (syncCopyData)
 	}
 	keyIndexes map[string]bool // names of the unique indexes on Key
 	lookups    []lookupCol     // resolved BatchConfig.Lookups

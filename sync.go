@@ -110,6 +110,7 @@ type syncState struct {
 type syncBatch struct {
 	rowKeys   []uint64 // key hash of each buffered row
 	rowHashes []uint64 // row hash of each buffered row
+	rowLocs   []uint64 // where the preload found each buffered row's key (packTID), 0 if unknown
 	seenKeys  []uint64 // key hash of every row added, unchanged and refused ones included
 	unchanged int64    // rows added that matched their hash (not buffered)
 	seenSQL   string   // the INSERT of seenKeys, built once for seenSeq
@@ -119,7 +120,7 @@ type syncBatch struct {
 }
 
 func (sb *syncBatch) reset() {
-	sb.rowKeys, sb.rowHashes, sb.seenKeys = sb.rowKeys[:0], sb.rowHashes[:0], sb.seenKeys[:0]
+	sb.rowKeys, sb.rowHashes, sb.rowLocs, sb.seenKeys = sb.rowKeys[:0], sb.rowHashes[:0], sb.rowLocs[:0], sb.seenKeys[:0]
 	sb.unchanged, sb.seenSQL, sb.seenSeq, sb.seenData, sb.seenDSeq = 0, "", 0, sb.seenData[:0], 0
 }
 
@@ -431,6 +432,7 @@ func (b *BatchSession) syncAdd(bt *batch) bool {
 	if key == "" { // a NULL in the key: always sent, never swept
 		sb.rowKeys = append(sb.rowKeys, 0)
 		sb.rowHashes = append(sb.rowHashes, 0)
+		sb.rowLocs = append(sb.rowLocs, 0)
 		return false
 	}
 	start := int(bt.offs[last])
@@ -450,14 +452,49 @@ func (b *BatchSession) syncAdd(bt *batch) bool {
 	rh := rowHash(bt.buf[start:])
 	// Seen now: should the batch not commit, the batch session fails, and Sweep
 	// (which flushes first) never runs on these marks.
-	if unchanged, _ := st.hashes.check(kh, rh); unchanged {
+	unchanged, loc := st.hashes.check(kh, rh)
+	if unchanged {
 		bt.buf, bt.offs, bt.keys = bt.buf[:start], bt.offs[:last], bt.keys[:last]
 		sb.unchanged++
 		return true
 	}
 	sb.rowKeys = append(sb.rowKeys, kh)
 	sb.rowHashes = append(sb.rowHashes, rh)
+	sb.rowLocs = append(sb.rowLocs, loc)
 	return false
+}
+
+// syncCopyData returns the binary COPY streams of rows sel of bt (known keys of a
+// sync) for b.sql.copyTID: each tuple with the ctid its key's row had at the
+// preload first (NULL if unknown), and the position in sel of each stream's first
+// row, as copyData.
+func (b *BatchSession) syncCopyData(bt *batch, sel []int) ([]net.Buffers, []int, int64) {
+	chunk := copyChunkRows(len(sel))
+	var copies []net.Buffers
+	var starts []int
+	var n int64
+	for pos := 0; pos < len(sel) || copies == nil; pos += chunk {
+		part := sel[pos:min(pos+chunk, len(sel))]
+		d := append([]byte(nil), copyHeader...)
+		for _, i := range part {
+			row := bt.buf[bt.offs[i]:bt.end(i)]
+			d = binary.BigEndian.AppendUint16(d, binary.BigEndian.Uint16(row)+1)
+			if loc := bt.sync.rowLocs[i]; loc == 0 {
+				d = binary.BigEndian.AppendUint32(d, 0xFFFFFFFF)
+			} else {
+				loc--
+				d = binary.BigEndian.AppendUint32(d, 6)
+				d = binary.BigEndian.AppendUint32(d, uint32(loc>>16))
+				d = binary.BigEndian.AppendUint16(d, uint16(loc))
+			}
+			d = append(d, row[2:]...)
+		}
+		d = append(d, copyTrailer...)
+		copies = append(copies, net.Buffers{d})
+		starts = append(starts, pos)
+		n += int64(len(d))
+	}
+	return copies, starts, n
 }
 
 // canonNumerics appends tuple to dst with the numeric values of columns cols in
