@@ -39,8 +39,10 @@ var ErrTooManyDeletes = errors.New("pgetl: sync: too many rows missing from the 
 //     server's binary COPY sends them, which is what Add encodes). A row whose
 //     hash equals its key's is counted as unchanged and not sent. With a
 //     single-column Key (and without OnlyChanged), new rows are COPYed into the
-//     table and changed ones updated, the sync's cache serving as the KeyCache;
-//     otherwise they are merged as any upsert. Hashes change only when a batch commits (in
+//     table and changed ones updated, the sync's cache serving as the KeyCache
+//     (a changed row at the ctid the preload found it, if the row there still
+//     holds its key, else by key; a row moved since makes its batch retry as a
+//     merge); otherwise they are merged as any upsert. Hashes change only when a batch commits (in
 //     doubt included). The cache takes 32 to 64 bytes per key (40 at 10M keys),
 //     whatever the key's length.
 //   - Each batch also commits the keys of all its rows, unchanged ones included,

@@ -136,8 +136,15 @@ func (t *rowHashes) set(k, row uint64) bool {
 // put adds key k with row hash row found at loc (the preload). Caller must hold mu
 // for writing.
 func (t *rowHashes) put(k, row, loc uint64) {
-	t.set(k, row)
-	t.slots[t.find(k)].loc = loc
+	i := t.find(k)
+	if t.slots[i].key == 0 && (t.n+1)*4 > len(t.slots)*3 {
+		t.grow()
+		i = t.find(k)
+	}
+	if t.slots[i].key == 0 {
+		t.n++
+	}
+	t.slots[i] = hashSlot{key: k, row: row | t.slots[i].row&rowSeen, loc: loc}
 }
 
 // unseen returns the locations of the rows held but not seen (at most max of
