@@ -224,6 +224,7 @@ type BatchSession struct {
 		stageCols                           string // a set's statement part: its staging table's columns
 		mergeCount                          string // merge, reporting the rows it inserted and updated (see countsSQL)
 		update                              string // with a key cache: known rows; append their count and ");"
+		copyTID                             string // a sync's COPY of known rows with their ctid (syncCopyData)
 	}
 	keyIndexes map[string]bool // names of the unique indexes on Key
 	lookups    []lookupCol     // resolved BatchConfig.Lookups

@@ -198,11 +198,17 @@ func (b *BatchSession) attempt(ctx context.Context, seq int64, n int, bt *batch,
 	}
 	var copies []net.Buffers
 	var starts []int
-	if !noRows {
+	if !noRows && cached && b.sync != nil {
+		// A sync stages its known rows with where the preload found them.
+		copies, starts, nbytes = b.syncCopyData(bt, sel[:known])
+		for range copies {
+			q.WriteString(b.sql.copyTID)
+		}
+	} else if !noRows {
 		copies, starts, nbytes = b.copyData(bt, sel[:known], 0)
-	}
-	for range copies {
-		q.WriteString(b.sql.copyStmt)
+		for range copies {
+			q.WriteString(b.sql.copyStmt)
+		}
 	}
 	if known < len(sel) {
 		c2, s2, n2 := b.copyData(bt, sel[known:], known)

@@ -155,6 +155,20 @@ func (b *BatchSession) upsertSQL(quoted []string) error {
 	b.sql.update = "SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off; WITH u AS (UPDATE " + b.table +
 		" AS t SET " + strings.Join(upd, ", ") + " FROM pgetl_stage s WHERE t." + k + " = s." + k + " RETURNING 1) SELECT " +
 		b.s.schema + ".expect_rows((SELECT count(*) FROM u), "
+	if cfg.Sync != nil {
+		// A sync stages its known rows with the ctid the preload found them at
+		// (pgetl_tid, NULL if unknown): those are updated there (a TID scan, no
+		// lookup in the key's index), if the row there still holds the key; the
+		// others by key. A row moved since (its ctid stale) leaves the count short:
+		// PGK01, and the batch is retried as a merge.
+		b.sql.stageStmt = "CREATE TEMP TABLE pgetl_stage ON COMMIT DROP AS SELECT ctid AS pgetl_tid, " + b.cols + " FROM " + b.table + " WITH NO DATA;"
+		b.sql.copyTID = "COPY pgetl_stage (pgetl_tid, " + b.cols + ") FROM STDIN (FORMAT binary);"
+		set := " AS t SET " + strings.Join(upd, ", ") + " FROM pgetl_stage s WHERE "
+		b.sql.update = "SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off; WITH u AS (UPDATE " + b.table +
+			set + "s.pgetl_tid IS NOT NULL AND t.ctid = s.pgetl_tid AND t." + k + " = s." + k + " RETURNING 1), v AS (UPDATE " + b.table +
+			set + "s.pgetl_tid IS NULL AND t." + k + " = s." + k + " RETURNING 1) SELECT " +
+			b.s.schema + ".expect_rows((SELECT count(*) FROM u) + (SELECT count(*) FROM v), "
+	}
 	b.sql.copyNew = "COPY " + b.table + " (" + b.cols + ") FROM STDIN (FORMAT binary);"
 	return nil
 }

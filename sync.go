@@ -39,8 +39,10 @@ var ErrTooManyDeletes = errors.New("pgetl: sync: too many rows missing from the 
 //     server's binary COPY sends them, which is what Add encodes). A row whose
 //     hash equals its key's is counted as unchanged and not sent. With a
 //     single-column Key (and without OnlyChanged), new rows are COPYed into the
-//     table and changed ones updated, the sync's cache serving as the KeyCache;
-//     otherwise they are merged as any upsert. Hashes change only when a batch commits (in
+//     table and changed ones updated, the sync's cache serving as the KeyCache
+//     (a changed row at the ctid the preload found it, if the row there still
+//     holds its key, else by key; a row moved since makes its batch retry as a
+//     merge); otherwise they are merged as any upsert. Hashes change only when a batch commits (in
 //     doubt included). The cache takes 32 to 64 bytes per key (40 at 10M keys),
 //     whatever the key's length.
 //   - Each batch also commits the keys of all its rows, unchanged ones included,
@@ -110,6 +112,7 @@ type syncState struct {
 type syncBatch struct {
 	rowKeys   []uint64 // key hash of each buffered row
 	rowHashes []uint64 // row hash of each buffered row
+	rowLocs   []uint64 // where the preload found each buffered row's key (packTID), 0 if unknown
 	seenKeys  []uint64 // key hash of every row added, unchanged and refused ones included
 	unchanged int64    // rows added that matched their hash (not buffered)
 	seenSQL   string   // the INSERT of seenKeys, built once for seenSeq
@@ -119,7 +122,7 @@ type syncBatch struct {
 }
 
 func (sb *syncBatch) reset() {
-	sb.rowKeys, sb.rowHashes, sb.seenKeys = sb.rowKeys[:0], sb.rowHashes[:0], sb.seenKeys[:0]
+	sb.rowKeys, sb.rowHashes, sb.rowLocs, sb.seenKeys = sb.rowKeys[:0], sb.rowHashes[:0], sb.rowLocs[:0], sb.seenKeys[:0]
 	sb.unchanged, sb.seenSQL, sb.seenSeq, sb.seenData, sb.seenDSeq = 0, "", 0, sb.seenData[:0], 0
 }
 
@@ -431,6 +434,7 @@ func (b *BatchSession) syncAdd(bt *batch) bool {
 	if key == "" { // a NULL in the key: always sent, never swept
 		sb.rowKeys = append(sb.rowKeys, 0)
 		sb.rowHashes = append(sb.rowHashes, 0)
+		sb.rowLocs = append(sb.rowLocs, 0)
 		return false
 	}
 	start := int(bt.offs[last])
@@ -450,14 +454,49 @@ func (b *BatchSession) syncAdd(bt *batch) bool {
 	rh := rowHash(bt.buf[start:])
 	// Seen now: should the batch not commit, the batch session fails, and Sweep
 	// (which flushes first) never runs on these marks.
-	if unchanged, _ := st.hashes.check(kh, rh); unchanged {
+	unchanged, loc := st.hashes.check(kh, rh)
+	if unchanged {
 		bt.buf, bt.offs, bt.keys = bt.buf[:start], bt.offs[:last], bt.keys[:last]
 		sb.unchanged++
 		return true
 	}
 	sb.rowKeys = append(sb.rowKeys, kh)
 	sb.rowHashes = append(sb.rowHashes, rh)
+	sb.rowLocs = append(sb.rowLocs, loc)
 	return false
+}
+
+// syncCopyData returns the binary COPY streams of rows sel of bt (known keys of a
+// sync) for b.sql.copyTID: each tuple with the ctid its key's row had at the
+// preload first (NULL if unknown), and the position in sel of each stream's first
+// row, as copyData.
+func (b *BatchSession) syncCopyData(bt *batch, sel []int) ([]net.Buffers, []int, int64) {
+	chunk := copyChunkRows(len(sel))
+	var copies []net.Buffers
+	var starts []int
+	var n int64
+	for pos := 0; pos < len(sel) || copies == nil; pos += chunk {
+		part := sel[pos:min(pos+chunk, len(sel))]
+		d := append([]byte(nil), copyHeader...)
+		for _, i := range part {
+			row := bt.buf[bt.offs[i]:bt.end(i)]
+			d = binary.BigEndian.AppendUint16(d, binary.BigEndian.Uint16(row)+1)
+			if loc := bt.sync.rowLocs[i]; loc == 0 {
+				d = binary.BigEndian.AppendUint32(d, 0xFFFFFFFF)
+			} else {
+				loc--
+				d = binary.BigEndian.AppendUint32(d, 6)
+				d = binary.BigEndian.AppendUint32(d, uint32(loc>>16))
+				d = binary.BigEndian.AppendUint16(d, uint16(loc))
+			}
+			d = append(d, row[2:]...)
+		}
+		d = append(d, copyTrailer...)
+		copies = append(copies, net.Buffers{d})
+		starts = append(starts, pos)
+		n += int64(len(d))
+	}
+	return copies, starts, n
 }
 
 // canonNumerics appends tuple to dst with the numeric values of columns cols in
@@ -677,19 +716,24 @@ func (b *BatchSession) Sweep(ctx context.Context) (SweepResult, error) {
 		return res, fmt.Errorf("pgetl: sweep: read the seen set of job %q: %w", job, err)
 	}
 
-	// The rows whose key was not seen, as binary COPY tuples of the key columns.
+	// The rows whose key was not seen, as binary COPY tuples of their ctid and key
+	// columns: each transaction of the sweep deletes a row by its ctid, and only if
+	// the row there still holds the key found (a TID scan rather than a lookup in the
+	// key's index).
 	keyList := make([]string, len(st.keyCols))
+	tKeys := make([]string, len(st.keyCols))
 	for k, i := range st.keyCols {
 		keyList[k] = pgx.Identifier{b.cfg.Columns[i]}.Sanitize()
+		tKeys[k] = "t." + keyList[k]
 	}
 	keySel := strings.Join(keyList, ", ")
 	where := ""
 	if st.markIx >= 0 {
 		where = " WHERE " + pgx.Identifier{st.cfg.MarkColumn}.Sanitize() + " IS NULL"
 	}
-	all := make([]int, len(st.keyCols))
+	all := make([]int, len(st.keyCols)) // the key's fields, after the ctid
 	for k := range all {
-		all[k] = k
+		all[k] = k + 1
 	}
 	var missing [][]byte // each a chunk of tuples
 	var chunk []byte
@@ -713,24 +757,26 @@ func (b *BatchSession) Sweep(ctx context.Context) (SweepResult, error) {
 	}
 	if st.markIx < 0 {
 		// The rows the preload found whose key was not seen: fetch their keys by
-		// ctid (a TID scan), not by reading the table again. A fetched row whose
-		// key was seen (the place was reused) is skipped; a row moved since the
-		// preload (another writer updated it) is left for the next sync.
+		// ctid (a nested loop of TID scans over the list: ctid = ANY of a literal
+		// array is planned as a scan of the whole table), not by reading the table
+		// again. A fetched row whose key was seen (the place was reused) is
+		// skipped; a row moved since the preload (another writer updated it) is
+		// left for the next sync.
 		locs, n := t.unseen()
 		res.Table = int64(t.len())
 		if st.cfg.MaxDeleteRatio < 1 && float64(int64(n)+res.DeletedAlready) > st.cfg.MaxDeleteRatio*float64(res.Table+res.DeletedAlready) {
 			nMissing = int64(n)
 		} else {
 			for p := 0; p < len(locs); p += st.cfg.SweepRows {
-				err = b.copyOut(ctx, "COPY (SELECT "+keySel+" FROM "+b.table+" WHERE ctid = ANY('"+tidArray(locs[p:min(p+st.cfg.SweepRows, len(locs))])+
-					"'::tid[])) TO STDOUT (FORMAT binary)", keep)
+				err = b.copyOut(ctx, "COPY (SELECT t.ctid, "+strings.Join(tKeys, ", ")+" FROM unnest('"+tidArray(locs[p:min(p+st.cfg.SweepRows, len(locs))])+
+					"'::tid[]) AS l(tid) JOIN "+b.table+" t ON t.ctid = l.tid) TO STDOUT (FORMAT binary)", keep)
 				if err != nil {
 					return res, fmt.Errorf("pgetl: sweep: read the keys of the rows of %s to delete: %w", b.cfg.Table, err)
 				}
 			}
 		}
 	} else {
-		err = b.copyOut(ctx, "COPY (SELECT "+keySel+" FROM "+b.table+where+") TO STDOUT (FORMAT binary)", func(tuple []byte) error {
+		err = b.copyOut(ctx, "COPY (SELECT ctid, "+keySel+" FROM "+b.table+where+") TO STDOUT (FORMAT binary)", func(tuple []byte) error {
 			res.Table++
 			return keep(tuple)
 		})
@@ -748,8 +794,10 @@ func (b *BatchSession) Sweep(ctx context.Context) (SweepResult, error) {
 			100*float64(nMissing+res.DeletedAlready)/float64(max(total, 1)), res.DeletedAlready, st.cfg.MaxDeleteRatio)
 	}
 
-	stage := "CREATE TEMP TABLE pgetl_sweep ON COMMIT DROP AS SELECT " + keySel + " FROM " + b.table + " WITH NO DATA"
-	var match []string
+	// A row is deleted where it was found and only if it still holds its key: a row
+	// moved since (another writer updated it) is left for the next sync.
+	stage := "CREATE TEMP TABLE pgetl_sweep ON COMMIT DROP AS SELECT ctid AS pgetl_tid, " + keySel + " FROM " + b.table + " WITH NO DATA"
+	match := []string{"t.ctid = s.pgetl_tid"}
 	for _, k := range keyList {
 		match = append(match, "t."+k+" = s."+k)
 	}

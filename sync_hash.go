@@ -115,11 +115,13 @@ func (t *rowHashes) get(k uint64) (uint64, bool) {
 }
 
 // set sets the row hash of key k, keeping its rowSeen bit, adding k if missing;
-// it reports whether k was held. Caller must hold mu for writing.
+// it reports whether k was held. A held key's location is forgotten: the row was
+// written again, elsewhere. Caller must hold mu for writing.
 func (t *rowHashes) set(k, row uint64) bool {
 	i := t.find(k)
 	if t.slots[i].key != 0 {
 		t.slots[i].row = row | t.slots[i].row&rowSeen
+		t.slots[i].loc = 0
 		return true
 	}
 	if (t.n+1)*4 > len(t.slots)*3 {
@@ -134,8 +136,15 @@ func (t *rowHashes) set(k, row uint64) bool {
 // put adds key k with row hash row found at loc (the preload). Caller must hold mu
 // for writing.
 func (t *rowHashes) put(k, row, loc uint64) {
-	t.set(k, row)
-	t.slots[t.find(k)].loc = loc
+	i := t.find(k)
+	if t.slots[i].key == 0 && (t.n+1)*4 > len(t.slots)*3 {
+		t.grow()
+		i = t.find(k)
+	}
+	if t.slots[i].key == 0 {
+		t.n++
+	}
+	t.slots[i] = hashSlot{key: k, row: row | t.slots[i].row&rowSeen, loc: loc}
 }
 
 // unseen returns the locations of the rows held but not seen (at most max of
@@ -156,20 +165,26 @@ func (t *rowHashes) unseen() (locs []uint64, n int) {
 
 // check looks key k up for a row whose hash is row: if k is held it marks it
 // seen, and reports unchanged if its hash is row, else marks it in flight
-// (rowDirty) until the row's batch commits.
-func (t *rowHashes) check(k, row uint64) (unchanged, held bool) {
+// (rowDirty) until the row's batch commits and returns where the preload found
+// the row (0 if unknown, or if a batch of the run has written the key since or is
+// writing it).
+func (t *rowHashes) check(k, row uint64) (unchanged bool, loc uint64) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	i := t.find(k)
 	if t.slots[i].key == 0 {
-		return false, false
+		return false, 0
 	}
 	if t.slots[i].row&^rowSeen == row {
 		t.slots[i].row |= rowSeen
-		return true, true
+		return true, 0
+	}
+	loc = t.slots[i].loc
+	if t.slots[i].row&^rowSeen == rowDirty {
+		loc = 0 // an earlier row of the key is in flight: the row will move
 	}
 	t.slots[i].row = rowDirty | rowSeen
-	return false, true
+	return false, loc
 }
 
 // markSeen sets rowSeen on the entry of key k, if held.
