@@ -106,8 +106,10 @@ type BatchConfig struct {
 	// InFlight is how many batches may be committing at once, each on its own
 	// pooled connection: batch n+1 is sent while n commits, its fence waits on the
 	// server for n's COMMIT, so batches still commit in order and exactly once. It
-	// hides a long link's round trips. Defaults to InFlightDefault; 1 commits one
-	// batch at a time.
+	// hides a long link's round trips. A fence whose batch n has not reached the
+	// server after 5 s (lock_timeout if shorter: n is being retried, or a pooler's
+	// PAUSE holds it) gives up, and n+1 is replayed after n. Defaults to
+	// InFlightDefault; 1 commits one batch at a time.
 	InFlight int
 
 	// Rejects is the bad-row policy. Defaults to RejectFail.

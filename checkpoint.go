@@ -49,7 +49,10 @@ func newToken() string {
 // Version 3: the checkpoint counts the job's runs (column run: incremental runs, see
 // SessionConfig.Incremental); claim takes the schema marker and fails with PGF06
 // unless it matches.
-const schemaVersion = 3
+// Version 4: the fence waits at most 5 s (lock_timeout if shorter) for a batch before
+// it that has not reached the server, not lock_timeout: a pooler's PAUSE or safe
+// shutdown, which waits for the waiting transaction, held the batch it waited for.
+const schemaVersion = 4
 
 // schemaMarker is the comment of the advance function that marks schemaVersion.
 var schemaMarker = "pgetl schema " + strconv.Itoa(schemaVersion)
@@ -106,7 +109,11 @@ CREATE OR REPLACE FUNCTION ` + sch + `.advance(p_job text, p_owner text, p_seq b
 DECLARE
 	cur_owner text;
 	cur_seq bigint;
-	deadline timestamptz := clock_timestamp() + coalesce(nullif(current_setting('lock_timeout'), '0')::interval, interval '30 seconds');
+	-- How long to wait for a batch before this one that has not reached the server
+	-- (several in flight): lock_timeout, at most 5 s. Its client may be retrying it,
+	-- or a pooler may hold it (PgBouncer's PAUSE or safe shutdown waits for this
+	-- transaction): PGF03 then ends this one, which the client replays after it.
+	deadline timestamptz := clock_timestamp() + least(coalesce(nullif(current_setting('lock_timeout'), '0')::interval, interval '30 seconds'), interval '5 seconds');
 BEGIN
 	LOOP
 		UPDATE ` + sch + `.checkpoint SET seq = p_seq, cursor = COALESCE(p_cursor, cursor),
