@@ -196,12 +196,7 @@ func (set *BatchSet) Add(ctx context.Context, cursor string, rows ...[]any) erro
 		return errors.New("pgetl: BatchSet.Add: cursor must be valid UTF-8 without NUL bytes")
 	}
 	set.mu.Lock()
-	if set.closed {
-		set.mu.Unlock()
-		return ErrClosed
-	}
-	if set.err != nil {
-		err := set.err
+	if err := set.stateErr(); err != nil {
 		set.mu.Unlock()
 		return err
 	}
@@ -215,6 +210,20 @@ func (set *BatchSet) Add(ctx context.Context, cursor string, rows ...[]any) erro
 			return err
 		}
 	}
+	return set.endRecord(ctx, bt, cursor)
+}
+
+// stateErr returns why the set takes no rows. Caller holds mu.
+func (set *BatchSet) stateErr() error {
+	if set.closed {
+		return ErrClosed
+	}
+	return set.err
+}
+
+// endRecord ends the source record at cursor, whose rows (or reject) are in bt, and
+// hands bt off if it is full. Caller holds mu, which endRecord releases.
+func (set *BatchSet) endRecord(ctx context.Context, bt *setBatch, cursor string) error {
 	bt.seen++
 	bt.last = &cursor
 	overBytes := bt.bytes >= set.cfg.CommitBytes

@@ -82,12 +82,7 @@ func (set *BatchSet) Reject(ctx context.Context, cursor, table, reason string, v
 		return fmt.Errorf("pgetl: BatchSet.Reject: %q is not a table of the set", table)
 	}
 	set.mu.Lock()
-	if set.closed {
-		set.mu.Unlock()
-		return ErrClosed
-	}
-	if set.err != nil {
-		err := set.err
+	if err := set.stateErr(); err != nil {
 		set.mu.Unlock()
 		return err
 	}
@@ -105,17 +100,7 @@ func (set *BatchSet) Reject(ctx context.Context, cursor, table, reason string, v
 		set.mu.Unlock()
 		return err
 	}
-	bt.seen++
-	bt.last = &cursor
-	full := bt.rows >= set.limit || bt.bytes >= set.cfg.CommitBytes
-	if full && set.limit < set.cfg.CommitRows {
-		set.limit = min(2*set.limit, set.cfg.CommitRows)
-	}
-	set.mu.Unlock()
-	if !full {
-		return nil
-	}
-	return set.dispatch(ctx, false)
+	return set.endRecord(ctx, bt, cursor)
 }
 
 // checkCursor refuses a cursor the checkpoint cannot hold.
