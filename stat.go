@@ -53,7 +53,9 @@ func (st Stat) FlushDuration() time.Duration { return time.Duration(st.c.flushNa
 // Retries returns the number of retried attempts by failure class ("connection",
 // "server_shutdown", "serialization", "deadlock", "lock_timeout", "read_only",
 // "too_many_connections", "idle_timeout", "sqlstate_XXXXX", "stale_key" for an
-// upsert batch retried because its key cache was stale), the in-doubt commits
+// upsert batch retried because its key cache was stale, "key_conflict" for a batch
+// set's batch whose IgnoreExisting table went straight in and met an existing key,
+// retried as a merge), the in-doubt commits
 // found committed ("in_doubt_committed") and the probes spent isolating bad rows
 // ("bisect_probe").
 func (st Stat) Retries() map[string]int64 { return maps.Clone(st.c.retries) }
