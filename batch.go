@@ -481,8 +481,17 @@ func (b *BatchSession) Add(ctx context.Context, cursor string, values ...any) er
 		rej := Reject{Row: idx, Cursor: cursor, SQLState: "22P02", Message: err.Error(), Column: berr.Column, Values: valuesJSON(values)}
 		bt.rejects = append(bt.rejects, rej)
 		bt.extra += rejectOverhead + len(rej.Cursor) + len(rej.Message) + len(rej.Column) + len(rej.Values)
-	} else if b.sync != nil && b.syncAdd(bt) {
-		// Unchanged: not sent, but seen and accounted for.
+	} else if b.sync != nil {
+		// Pending until its group is looked up: unchanged rows then leave the batch.
+		b.syncAdd(bt)
+		bt.idx = append(bt.idx, idx)
+		bt.cursors = append(bt.cursors, cursor)
+		if b.cfg.KeyCache != nil {
+			bt.known = append(bt.known, false) // set by syncResolve
+		}
+		if bt.sync.pending == syncGroup {
+			b.syncResolve(bt)
+		}
 	} else {
 		bt.idx = append(bt.idx, idx)
 		bt.cursors = append(bt.cursors, cursor)
@@ -499,6 +508,11 @@ func (b *BatchSession) Add(ctx context.Context, cursor string, values ...any) er
 	bt.last = &cursor
 	overBytes := len(bt.buf)+bt.extra >= b.cfg.CommitBytes
 	full := b.fill(bt) >= int64(b.limit) || overBytes
+	if full && b.sync != nil && bt.sync.pending > 0 {
+		b.syncResolve(bt) // its unchanged rows weigh less
+		overBytes = len(bt.buf)+bt.extra >= b.cfg.CommitBytes
+		full = b.fill(bt) >= int64(b.limit) || overBytes
+	}
 	if full && !overBytes && b.limit < b.cfg.CommitRows && b.saturated() {
 		// Slow start while every batch slot is taken: a batch handed off now would
 		// only wait for a slot (and Add with it), so each doubling step would cost a
@@ -684,6 +698,9 @@ func (b *BatchSession) swap() *batch {
 		return nil
 	}
 	bt := b.cur
+	if b.sync != nil {
+		b.syncResolve(bt)
+	}
 	b.pendRejects += int64(len(bt.rejects))
 	b.pendSeen += bt.seen
 	// Size the next batch for b.limit rows of the size seen so far, so it does not

@@ -167,24 +167,23 @@ func (t *rowHashes) unseen() (locs []uint64, n int) {
 // seen, and reports unchanged if its hash is row, else marks it in flight
 // (rowDirty) until the row's batch commits and returns where the preload found
 // the row (0 if unknown, or if a batch of the run has written the key since or is
-// writing it).
-func (t *rowHashes) check(k, row uint64) (unchanged bool, loc uint64) {
-	t.mu.Lock()
-	defer t.mu.Unlock()
+// writing it). Caller must hold mu for writing.
+func (t *rowHashes) check(k, row uint64) (held, unchanged bool, loc uint64) {
 	i := t.find(k)
-	if t.slots[i].key == 0 {
-		return false, 0
+	s := &t.slots[i]
+	if s.key == 0 {
+		return false, false, 0
 	}
-	if t.slots[i].row&^rowSeen == row {
-		t.slots[i].row |= rowSeen
-		return true, 0
+	if s.row&^rowSeen == row {
+		s.row |= rowSeen
+		return true, true, 0
 	}
-	loc = t.slots[i].loc
-	if t.slots[i].row&^rowSeen == rowDirty {
+	loc = s.loc
+	if s.row&^rowSeen == rowDirty {
 		loc = 0 // an earlier row of the key is in flight: the row will move
 	}
-	t.slots[i].row = rowDirty | rowSeen
-	return false, loc
+	s.row = rowDirty | rowSeen
+	return true, false, loc
 }
 
 // markSeen sets rowSeen on the entry of key k, if held.
