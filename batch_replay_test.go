@@ -18,6 +18,7 @@ import (
 	"errors"
 	"net"
 	"strconv"
+	"sync"
 	"sync/atomic"
 	"syscall"
 	"testing"
@@ -35,7 +36,12 @@ type gate struct {
 	refuse  atomic.Bool
 	refused atomic.Int64 // dials refused
 	cut     chan struct{}
+	cutOnce sync.Once
 }
+
+// cutConns ends the blocked reads of the armed connection. Also a cleanup: a test
+// that fails before cutting must not leave Close waiting on them.
+func (g *gate) cutConns() { g.cutOnce.Do(func() { close(g.cut) }) }
 
 type gatedConn struct {
 	net.Conn
@@ -90,7 +96,7 @@ func (g *gate) committedThenUnreachable(t *testing.T, direct *pgxpool.Pool, sche
 		return err == nil && cp.Seq >= seq
 	}), "unit %d did not commit on the server", seq)
 	g.refuse.Store(true)
-	close(g.cut)
+	g.cutConns()
 }
 
 // reachableAfter lets connections through again once n dials were refused.
@@ -131,6 +137,7 @@ func TestReplayOfCommittedBatchStopsAtTheFence(t *testing.T) {
 				}})
 			require.NoError(t, err)
 			t.Cleanup(func() { _ = s.Close(context.Background()) })
+			t.Cleanup(g.cutConns) // first
 			cfg := tc.cfg
 			cfg.Table, cfg.Columns, cfg.CommitRows, cfg.CommitInterval = bd.table, itemCols, commitRows, -1
 			if cfg.SQL != "" {
@@ -174,6 +181,7 @@ func TestReplayOfCommittedTxDoesNotRunFnAgain(t *testing.T) {
 		}})
 	require.NoError(t, err)
 	t.Cleanup(func() { _ = s.Close(context.Background()) })
+	t.Cleanup(g.cutConns) // first
 	var calls [3]atomic.Int64
 	unit := func(id int64) func(pgx.Tx) error {
 		return func(tx pgx.Tx) error {
@@ -215,6 +223,7 @@ func TestCheckpointWhileOutcomeUnknown(t *testing.T) {
 		}})
 	require.NoError(t, err)
 	t.Cleanup(func() { _ = s.Close(context.Background()) })
+	t.Cleanup(g.cutConns) // first
 	b, err := s.Batch(ctx, BatchConfig{Table: bd.table, Columns: itemCols, CommitRows: 1000, CommitInterval: -1})
 	require.NoError(t, err)
 	require.NoError(t, load(ctx, b, 1, 1000)) // batch 1 commits in the background

@@ -635,15 +635,22 @@ func (s *Session) batchCommitted(seq int64, cursor *string, rows int64, rejects 
 }
 
 // acquire takes a connection for one attempt; release gives it back and adds the
-// time it was held to Stat.HoldDuration.
+// time it was held to Stat.HoldDuration. A batch in flight waits for its turn
+// first (see takeTurn).
 func (s *Session) acquire(ctx context.Context) (conn *pgxpool.Conn, release func(), err error) {
+	took, gave, err := takeTurn(ctx)
+	if err != nil {
+		return nil, nil, err
+	}
 	t0 := time.Now()
 	conn, err = s.pool.Acquire(ctx)
 	if err != nil {
 		return nil, nil, err
 	}
+	took()
 	return conn, func() {
 		conn.Release()
+		gave()
 		s.mu.Lock()
 		s.stat.holdNanos += int64(time.Since(t0))
 		s.mu.Unlock()

@@ -16,20 +16,87 @@ type pipeline struct {
 	s        *Session
 	slots    chan struct{} // one per batch in flight
 	lastDone chan struct{} // closed once the last batch submitted is recorded; the submitter's only
-	mu       sync.Mutex    // guards units
+	mu       sync.Mutex    // guards units, changed and the units' holding and finished
 	units    map[int64]*flightUnit
+	changed  chan struct{} // closed and replaced when a unit's holding or finished changes
 }
 
 // flightUnit is a batch in flight.
 type flightUnit struct {
-	cancel context.CancelFunc
-	ran    chan struct{} // closed when its commit attempts are over (before it records)
+	cancel   context.CancelFunc
+	ran      chan struct{} // closed when its commit attempts are over (before it records)
+	holding  bool          // holds a connection (see takeTurn)
+	finished bool          // its attempts are over
 }
 
 func newPipeline(s *Session, inFlight int) *pipeline {
-	p := &pipeline{s: s, slots: make(chan struct{}, inFlight), lastDone: make(chan struct{}), units: map[int64]*flightUnit{}}
+	p := &pipeline{s: s, slots: make(chan struct{}, inFlight), lastDone: make(chan struct{}), units: map[int64]*flightUnit{},
+		changed: make(chan struct{})}
 	close(p.lastDone)
 	return p
+}
+
+// A batch in flight takes a connection (Session.acquire, through takeTurn) only
+// while every batch before it that is still attempting holds one: a batch that
+// took the pool's last connection ahead of an earlier one would wait at the fence
+// for it, while it waits for a connection, until the fence gives up (5 s) and the
+// batch is replayed. So a pool with fewer connections than batches in flight, or a
+// batch that lost its connection and retries, costs no stall.
+type flightTurn struct {
+	p   *pipeline
+	seq int64
+	u   *flightUnit
+}
+
+type flightTurnKey struct{}
+
+// takeTurn waits, if ctx is a batch's in flight, until every batch before it still
+// attempting holds a connection, and returns the functions to call once this one
+// took its own (took) and gave it back (gave).
+func takeTurn(ctx context.Context) (took, gave func(), err error) {
+	ft, _ := ctx.Value(flightTurnKey{}).(*flightTurn)
+	if ft == nil {
+		return func() {}, func() {}, nil
+	}
+	p := ft.p
+	for {
+		p.mu.Lock()
+		blocked := false
+		for q, u := range p.units {
+			if q < ft.seq && !u.holding && !u.finished {
+				blocked = true
+				break
+			}
+		}
+		changed := p.changed
+		p.mu.Unlock()
+		if !blocked {
+			return func() { p.setHolding(ft.u, true) }, func() { p.setHolding(ft.u, false) }, nil
+		}
+		select {
+		case <-changed:
+		case <-ctx.Done():
+			return nil, nil, ctx.Err()
+		}
+	}
+}
+
+// setHolding records whether u holds a connection, or (finished) that its
+// attempts are over, and wakes the batches waiting for their turn.
+func (p *pipeline) setHolding(u *flightUnit, holding bool) {
+	p.mu.Lock()
+	u.holding = holding
+	close(p.changed)
+	p.changed = make(chan struct{})
+	p.mu.Unlock()
+}
+
+func (p *pipeline) setFinished(u *flightUnit) {
+	p.mu.Lock()
+	u.finished = true
+	close(p.changed)
+	p.changed = make(chan struct{})
+	p.mu.Unlock()
 }
 
 // serial reports whether batches commit one at a time.
@@ -66,6 +133,7 @@ func (p *pipeline) submit(ctx context.Context, ready func(context.Context) error
 	}
 	uctx, cancel := context.WithCancel(ctx)
 	u := &flightUnit{cancel: cancel, ran: make(chan struct{})}
+	uctx = context.WithValue(uctx, flightTurnKey{}, &flightTurn{p: p, seq: seq, u: u})
 	p.mu.Lock()
 	p.units[seq] = u
 	p.mu.Unlock()
@@ -75,6 +143,7 @@ func (p *pipeline) submit(ctx context.Context, ready func(context.Context) error
 		defer s.flight.Done()
 		defer cancel()
 		record, err := work(uctx, seq)
+		p.setFinished(u)
 		close(u.ran)
 		<-prev
 		p.mu.Lock()
