@@ -220,6 +220,7 @@ type BatchSession struct {
 	oids    []uint32
 	m       *pgtype.Map
 	scratch []byte // statement path: encoding check
+	keyBuf  []byte // encode: the key of the row being encoded
 	keyIx   []int  // positions of Key in Columns
 	sql     struct {
 		copyStmt, copyNew, merge, stageStmt string
@@ -275,7 +276,8 @@ type batch struct {
 	stale   bool     // upsert with a key cache: the cache was wrong for this batch; merge it
 	vals    [][]any  // statement path: the values of each row
 	rejects []Reject // rows rejected by Add (encode failures)
-	last    *string  // cursor of the last row added (rejected or not)
+	last    *string  // cursor of the last row added (rejected or not): &lastCur, or nil
+	lastCur string
 	seen    int64    // rows added, rejected included
 	record  []func() // what committed, to account for once the batches before it are
 	extra   int      // bytes held outside buf: the statement path's values, rejects
@@ -505,7 +507,8 @@ func (b *BatchSession) Add(ctx context.Context, cursor string, values ...any) er
 	// its place in the batch either way, so a batch of refused rows fills up and
 	// commits (their rejects and the checkpoint) like any other.
 	bt.seen++
-	bt.last = &cursor
+	bt.lastCur = cursor
+	bt.last = &bt.lastCur // not &cursor: that would allocate each row
 	overBytes := len(bt.buf)+bt.extra >= b.cfg.CommitBytes
 	full := b.fill(bt) >= int64(b.limit) || overBytes
 	if full && b.sync != nil && bt.sync.pending > 0 {

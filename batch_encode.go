@@ -20,7 +20,7 @@ var copyTrailer = []byte{0xff, 0xff}
 func (b *BatchSession) encode(bt *batch, values []any) (int, error) {
 	start := len(bt.buf)
 	buf := binary.BigEndian.AppendUint16(bt.buf, uint16(len(values)))
-	var key []byte
+	key := b.keyBuf[:0]
 	nullKey := false
 	for i, v := range values {
 		sp := len(buf)
@@ -51,7 +51,14 @@ func (b *BatchSession) encode(bt *batch, values []any) (int, error) {
 			// row: "" marks it (a real key holds at least a length prefix).
 			key = key[:0]
 		}
-		bt.keys = append(bt.keys, string(key))
+		b.keyBuf = key
+		if b.sync != nil {
+			// syncAdd hashes b.keyBuf; syncResolve sets the key of the rows it keeps
+			// (most rows of a re-sync are unchanged: their key is never needed).
+			bt.keys = append(bt.keys, "")
+		} else {
+			bt.keys = append(bt.keys, string(key))
+		}
 	}
 	return -1, nil
 }

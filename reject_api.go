@@ -49,7 +49,8 @@ func (b *BatchSession) Reject(ctx context.Context, cursor, reason string, values
 	// As for a row Add refuses: the row takes its place in the batch, and its cursor
 	// is accounted for.
 	bt.seen++
-	bt.last = &cursor
+	bt.lastCur = cursor
+	bt.last = &bt.lastCur
 	full := bt.seen >= int64(b.limit) || len(bt.buf)+bt.extra >= b.cfg.CommitBytes
 	if full && b.limit < b.cfg.CommitRows {
 		b.limit = min(2*b.limit, b.cfg.CommitRows)
