@@ -87,3 +87,61 @@ func TestAppendFast(t *testing.T) {
 	_, ok := appendFast(pgtype.Int8OID, int32(1), nil)
 	require.False(t, ok, "other pairs are left to pgx")
 }
+
+// TestNumericsCanonical: numericsCanonical says a tuple's numerics are in the
+// server's form exactly when canonNumerics would leave the tuple as it is, for
+// numerics as pgx's codec encodes them (often with leading or trailing zero
+// digits) and as appendNumeric does (canonical), NULL and NaN among them.
+func TestNumericsCanonical(t *testing.T) {
+	t.Parallel()
+	m := pgtype.NewMap()
+	rng := rand.New(rand.NewPCG(16, 3))
+	var nums []pgtype.Numeric
+	for _, s := range []string{"0", "0.00", "-0.00", "1234.00", "1234", "0.0100", "-0.0100", "100000000", "12.5",
+		"99999999.99", "0.0001", "10000.0000", "NaN"} {
+		var n pgtype.Numeric
+		require.NoError(t, n.Scan(s))
+		nums = append(nums, n)
+	}
+	for range 500 {
+		nums = append(nums, pgtype.Numeric{Int: big.NewInt(rng.Int64N(1_000_000_000) - 500_000_000), Exp: int32(rng.IntN(13) - 8), Valid: true})
+	}
+	nums = append(nums, pgtype.Numeric{})
+	tuple := func(enc func(pgtype.Numeric) []byte, a, b pgtype.Numeric) []byte {
+		tup := []byte{0, 3}
+		for _, f := range [][]byte{[]byte("key"), enc(a), enc(b)} {
+			if f == nil {
+				tup = append(tup, 0xff, 0xff, 0xff, 0xff)
+				continue
+			}
+			tup = append(append(tup, byte(len(f)>>24), byte(len(f)>>16), byte(len(f)>>8), byte(len(f))), f...)
+		}
+		return tup
+	}
+	pgxEnc := func(n pgtype.Numeric) []byte {
+		out, err := m.Encode(pgtype.NumericOID, pgtype.BinaryFormatCode, n, nil)
+		require.NoError(t, err)
+		return out
+	}
+	fastEnc := func(n pgtype.Numeric) []byte {
+		if out, ok := appendNumeric(nil, n); ok {
+			return out
+		}
+		return pgxEnc(n)
+	}
+	cols := []int{1, 2}
+	nonCanonical := 0
+	for i, a := range nums {
+		b := nums[(i*7+3)%len(nums)]
+		for _, enc := range []func(pgtype.Numeric) []byte{pgxEnc, fastEnc} {
+			tup := tuple(enc, a, b)
+			same := bytes.Equal(canonNumerics(tup, cols, nil), tup)
+			require.Equal(t, same, numericsCanonical(tup, cols), "%x", tup)
+			if !same {
+				nonCanonical++
+			}
+		}
+		require.True(t, numericsCanonical(tuple(fastEnc, a, b), cols), "appendNumeric's form is canonical")
+	}
+	require.Positive(t, nonCanonical, "pgx's codec gave some numerics in a form the server does not send")
+}

@@ -520,9 +520,10 @@ func (b *BatchSession) syncAdd(bt *batch) {
 		return
 	}
 	start := int(bt.offs[last])
-	if len(st.numCols) > 0 {
+	if len(st.numCols) > 0 && !numericsCanonical(bt.buf[start:], st.numCols) {
 		// pgx encodes a numeric with trailing zero digits that the server drops
-		// (1234.00 as 1234|0000): hash and send the server's form.
+		// (1234.00 as 1234|0000): hash and send the server's form. (appendFast's
+		// numerics are canonical already.)
 		st.scratch = canonNumerics(bt.buf[start:], st.numCols, st.scratch[:0])
 		bt.buf = append(bt.buf[:start], st.scratch...)
 		if st.numKey {
@@ -633,6 +634,35 @@ func (b *BatchSession) syncCopyData(bt *batch, sel []int) ([]net.Buffers, []int,
 		n += int64(len(d))
 	}
 	return copies, starts, n
+}
+
+// numericsCanonical reports whether the numeric values of columns cols of tuple
+// are in the server's form already (see canonNumerics): no leading or trailing zero
+// digits, zero with weight 0 and a positive sign.
+func numericsCanonical(tuple []byte, cols []int) bool {
+	p, k := 2, 0
+	for c := 0; p+4 <= len(tuple) && k < len(cols); c++ {
+		l := int(int32(binary.BigEndian.Uint32(tuple[p:])))
+		end := p + 4 + max(l, 0)
+		if cols[k] == c {
+			k++
+			if l >= 8 && end <= len(tuple) {
+				v := tuple[p+4 : end]
+				nd := int(binary.BigEndian.Uint16(v))
+				if binary.BigEndian.Uint16(v[4:]) != 0xC000 && len(v) == 8+2*nd { // not NaN, well formed
+					if nd == 0 {
+						if binary.BigEndian.Uint16(v[2:]) != 0 || binary.BigEndian.Uint16(v[4:]) != 0 {
+							return false
+						}
+					} else if v[8] == 0 && v[9] == 0 || v[6+2*nd] == 0 && v[7+2*nd] == 0 {
+						return false
+					}
+				}
+			}
+		}
+		p = end
+	}
+	return true
 }
 
 // canonNumerics appends tuple to dst with the numeric values of columns cols in
@@ -816,115 +846,39 @@ func (b *BatchSession) recordCommit(seq int64, bt *batch, cursor *string, sel []
 // a rerun of the job, which reads no row past its checkpoint): it deletes the rows
 // still missing, never a row the source holds. Call it once, then Close.
 func (b *BatchSession) Sweep(ctx context.Context) (SweepResult, error) {
-	var res SweepResult
 	st := b.sync
 	if st == nil {
-		return res, errors.New("pgetl: Sweep needs BatchConfig.Sync")
+		return SweepResult{}, errors.New("pgetl: Sweep needs BatchConfig.Sync")
 	}
-	if err := b.Flush(ctx); err != nil {
-		return res, err
+	// The last batch commits while the sweep finds what to delete: the key of every
+	// row added is marked seen once its group is resolved, before its batch is
+	// handed off. Only the deletes must follow the commit.
+	b.mu.Lock()
+	if b.err == nil {
+		b.syncResolve(b.cur)
 	}
-	job := b.s.cfg.Job
-	// The seen set: every key the run's committed batches held. Those of this
-	// batch session are marked already; read those of killed sessions before it,
-	// and the counts of earlier sweeps.
-	t := st.hashes
-	t.mu.RLock()
-	first := st.firstSeq
-	t.mu.RUnlock()
-	rows, err := b.s.pool.Query(ctx, "SELECT keys, deleted FROM "+st.seenTbl+
-		" WHERE job = $1 AND (keys IS NULL OR seq < $2 OR $2 = 0)", job, first)
+	b.mu.Unlock()
+	flushed := make(chan error, 1)
+	go func() { flushed <- b.Flush(ctx) }() // waited for below, on every path
+	pl, err := b.sweepRead(ctx)
+	if ferr := <-flushed; ferr != nil {
+		return pl.res, ferr
+	}
 	if err != nil {
-		return res, fmt.Errorf("pgetl: sweep: read the seen set of job %q: %w", job, err)
-	}
-	t.mu.Lock()
-	var keys []byte
-	var deleted int64
-	_, err = pgx.ForEachRow(rows, []any{&keys, &deleted}, func() error {
-		for p := 0; p+8 <= len(keys); p += 8 {
-			t.markSeen(binary.BigEndian.Uint64(keys[p:]))
-		}
-		res.DeletedAlready += deleted
-		return nil
-	})
-	t.mu.Unlock()
-	if err != nil {
-		return res, fmt.Errorf("pgetl: sweep: read the seen set of job %q: %w", job, err)
-	}
-
-	// The rows whose key was not seen, as binary COPY tuples of their ctid and key
-	// columns: each transaction of the sweep deletes a row by its ctid, and only if
-	// the row there still holds the key found (a TID scan rather than a lookup in the
-	// key's index).
-	keyList := make([]string, len(st.keyCols))
-	tKeys := make([]string, len(st.keyCols))
-	for k, i := range st.keyCols {
-		keyList[k] = pgx.Identifier{b.cfg.Columns[i]}.Sanitize()
-		tKeys[k] = "t." + keyList[k]
-	}
-	keySel := strings.Join(keyList, ", ")
-	where := ""
-	if st.markIx >= 0 {
-		where = " WHERE " + pgx.Identifier{st.cfg.MarkColumn}.Sanitize() + " IS NULL"
-	}
-	all := make([]int, len(st.keyCols)) // the key's fields, after the ctid
-	for k := range all {
-		all[k] = k + 1
-	}
-	var missing [][]byte // each a chunk of tuples
-	var chunk []byte
-	var nMissing, inChunk int64
-	var kb []byte
-	// keep keeps a key tuple of a row to delete if its key was not seen.
-	keep := func(tuple []byte) error {
-		var null bool
-		if kb, null = tupleKey(tuple, all, kb[:0]); null {
-			return nil
-		}
-		if row, held := t.get(keyHash(kb)); held && row&rowSeen != 0 {
-			return nil
-		}
-		nMissing++
-		chunk = append(chunk, tuple...)
-		if inChunk++; inChunk == int64(st.cfg.SweepRows) {
-			missing, chunk, inChunk = append(missing, chunk), nil, 0
-		}
-		return nil
+		return pl.res, err
 	}
 	if st.markIx < 0 {
-		// The rows the preload found whose key was not seen: fetch their keys by
-		// ctid (a nested loop of TID scans over the list: ctid = ANY of a literal
-		// array is planned as a scan of the whole table), not by reading the table
-		// again. A fetched row whose key was seen (the place was reused) is
-		// skipped; a row moved since the preload (another writer updated it) is
-		// left for the next sync.
-		locs, n := t.unseen()
-		res.Table = int64(t.len())
-		if st.cfg.MaxDeleteRatio < 1 && float64(int64(n)+res.DeletedAlready) > st.cfg.MaxDeleteRatio*float64(res.Table+res.DeletedAlready) {
-			nMissing = int64(n)
-		} else {
-			for p := 0; p < len(locs); p += st.cfg.SweepRows {
-				err = b.copyOut(ctx, "COPY (SELECT t.ctid, "+strings.Join(tKeys, ", ")+" FROM unnest('"+tidArray(locs[p:min(p+st.cfg.SweepRows, len(locs))])+
-					"'::tid[]) AS l(tid) JOIN "+b.table+" t ON t.ctid = l.tid) TO STDOUT (FORMAT binary)", keep)
-				if err != nil {
-					return res, fmt.Errorf("pgetl: sweep: read the keys of the rows of %s to delete: %w", b.cfg.Table, err)
-				}
+		pl.res.Table = int64(st.hashes.len()) // with the keys the last batch inserted
+		if pl.deferred && !pl.overGuard(st.cfg) {
+			if err := b.sweepFetch(ctx, pl, pl.unfetched); err != nil {
+				return pl.res, err
 			}
 		}
-	} else {
-		err = b.copyOut(ctx, "COPY (SELECT ctid, "+keySel+" FROM "+b.table+where+") TO STDOUT (FORMAT binary)", func(tuple []byte) error {
-			res.Table++
-			return keep(tuple)
-		})
-		if err != nil {
-			return res, fmt.Errorf("pgetl: sweep: read the keys of %s: %w", b.cfg.Table, err)
-		}
 	}
-	if inChunk > 0 {
-		missing = append(missing, chunk)
-	}
+	res, nMissing, keyList, job := pl.res, pl.nMissing, b.sweepKeys(""), b.s.cfg.Job
+	keySel := strings.Join(keyList, ", ")
 	total := res.Table + res.DeletedAlready
-	if st.cfg.MaxDeleteRatio < 1 && float64(nMissing+res.DeletedAlready) > st.cfg.MaxDeleteRatio*float64(total) {
+	if pl.overGuard(st.cfg) {
 		return res, fmt.Errorf("%w: %d of the %d rows of %s are not in the source (%.1f%%; %d deleted before), more than MaxDeleteRatio %g allows; nothing was deleted (if the source really lost them, raise SyncConfig.MaxDeleteRatio)",
 			ErrTooManyDeletes, nMissing+res.DeletedAlready, total, b.cfg.Table,
 			100*float64(nMissing+res.DeletedAlready)/float64(max(total, 1)), res.DeletedAlready, st.cfg.MaxDeleteRatio)
@@ -942,7 +896,7 @@ func (b *BatchSession) Sweep(ctx context.Context) (SweepResult, error) {
 		m := pgx.Identifier{st.cfg.MarkColumn}.Sanitize()
 		apply = "UPDATE " + b.table + " t SET " + m + " = now() FROM pgetl_sweep s WHERE " + strings.Join(match, " AND ") + " AND t." + m + " IS NULL"
 	}
-	for _, data := range missing {
+	for _, data := range pl.missing {
 		var n int64
 		err := b.s.Tx(ctx, func(tx pgx.Tx) error {
 			pgc := tx.Conn().PgConn()
@@ -977,6 +931,146 @@ func (b *BatchSession) Sweep(ctx context.Context) (SweepResult, error) {
 		}
 	}
 	return res, nil
+}
+
+// sweepPlan is what Sweep found to delete.
+type sweepPlan struct {
+	res       SweepResult // Table and DeletedAlready
+	missing   [][]byte    // binary COPY tuples (ctid, key columns) of the rows to delete, in chunks of SweepRows
+	nMissing  int64       // rows to delete (counted also where the guard left them unfetched)
+	unfetched []uint64    // where the preload found the rows to delete, if the guard left their keys unfetched
+	deferred  bool        // the guard left them unfetched
+	chunk     []byte
+	inChunk   int
+	kb        []byte
+}
+
+// overGuard reports whether deleting the rows found, with those an earlier
+// interrupted sweep of the run deleted, goes past SyncConfig.MaxDeleteRatio.
+func (pl *sweepPlan) overGuard(sc SyncConfig) bool {
+	return sc.MaxDeleteRatio < 1 && float64(pl.nMissing+pl.res.DeletedAlready) > sc.MaxDeleteRatio*float64(pl.res.Table+pl.res.DeletedAlready)
+}
+
+// keep adds tuple (ctid and key columns) to the rows to delete if t does not hold
+// its key as seen.
+func (pl *sweepPlan) keep(t *rowHashes, nkeys, chunkRows int, tuple []byte) {
+	p := 2 + 4 + 6 // field count, ctid
+	pl.kb = pl.kb[:0]
+	for range nkeys {
+		if p+4 > len(tuple) {
+			return
+		}
+		l := int(int32(binary.BigEndian.Uint32(tuple[p:])))
+		if l < 0 {
+			return // a NULL in the key: never swept
+		}
+		pl.kb = append(pl.kb, tuple[p:p+4+l]...)
+		p += 4 + l
+	}
+	if row, held := t.get(keyHash(pl.kb)); held && row&rowSeen != 0 {
+		return
+	}
+	pl.nMissing++
+	pl.chunk = append(pl.chunk, tuple...)
+	if pl.inChunk++; pl.inChunk == chunkRows {
+		pl.missing, pl.chunk, pl.inChunk = append(pl.missing, pl.chunk), nil, 0
+	}
+}
+
+// sweepRead finds the rows of the table whose key the run did not see: those the
+// preload found (or, with a MarkColumn, the unmarked rows of the table) whose key
+// neither this batch session nor an interrupted one of the run saw. Its Table is
+// the table's size before the last batch commits.
+func (b *BatchSession) sweepRead(ctx context.Context) (*sweepPlan, error) {
+	pl := &sweepPlan{}
+	st := b.sync
+	job := b.s.cfg.Job
+	// The seen set: every key the run's committed batches held. Those of this
+	// batch session are marked already; read those of killed sessions before it,
+	// and the counts of earlier sweeps.
+	t := st.hashes
+	t.mu.RLock()
+	first := st.firstSeq
+	t.mu.RUnlock()
+	rows, err := b.s.pool.Query(ctx, "SELECT keys, deleted FROM "+st.seenTbl+
+		" WHERE job = $1 AND (keys IS NULL OR seq < $2 OR $2 = 0)", job, first)
+	if err != nil {
+		return pl, fmt.Errorf("pgetl: sweep: read the seen set of job %q: %w", job, err)
+	}
+	t.mu.Lock()
+	var keys []byte
+	var deleted int64
+	_, err = pgx.ForEachRow(rows, []any{&keys, &deleted}, func() error {
+		for p := 0; p+8 <= len(keys); p += 8 {
+			t.markSeen(binary.BigEndian.Uint64(keys[p:]))
+		}
+		pl.res.DeletedAlready += deleted
+		return nil
+	})
+	t.mu.Unlock()
+	if err != nil {
+		return pl, fmt.Errorf("pgetl: sweep: read the seen set of job %q: %w", job, err)
+	}
+	if st.markIx >= 0 {
+		err = b.copyOut(ctx, "COPY (SELECT ctid, "+strings.Join(b.sweepKeys(""), ", ")+" FROM "+b.table+
+			" WHERE "+pgx.Identifier{st.cfg.MarkColumn}.Sanitize()+" IS NULL) TO STDOUT (FORMAT binary)", func(tuple []byte) error {
+			pl.res.Table++
+			pl.keep(t, len(st.keyCols), st.cfg.SweepRows, tuple)
+			return nil
+		})
+		if err != nil {
+			return pl, fmt.Errorf("pgetl: sweep: read the keys of %s: %w", b.cfg.Table, err)
+		}
+		pl.flushChunk()
+		return pl, nil
+	}
+	locs, n := t.unseen()
+	pl.res.Table, pl.nMissing = int64(t.len()), int64(n)
+	if pl.overGuard(st.cfg) {
+		// Refused, unless the keys the last batch inserts make the table large
+		// enough: Sweep decides once it committed.
+		pl.unfetched, pl.deferred = locs, true
+		return pl, nil
+	}
+	return pl, b.sweepFetch(ctx, pl, locs)
+}
+
+// sweepFetch reads the keys of the rows the preload found at locs (their keys
+// unseen) into pl, by ctid (a nested loop of TID scans over the list: ctid = ANY
+// of a literal array is planned as a scan of the whole table), not by reading the
+// table again. A fetched row whose key was seen (the place was reused) is skipped;
+// a row moved since the preload (another writer updated it) is left for the next
+// sync.
+func (b *BatchSession) sweepFetch(ctx context.Context, pl *sweepPlan, locs []uint64) error {
+	st := b.sync
+	pl.nMissing, pl.unfetched, pl.deferred = 0, nil, false
+	for p := 0; p < len(locs); p += st.cfg.SweepRows {
+		err := b.copyOut(ctx, "COPY (SELECT t.ctid, "+strings.Join(b.sweepKeys("t."), ", ")+" FROM unnest('"+tidArray(locs[p:min(p+st.cfg.SweepRows, len(locs))])+
+			"'::tid[]) AS l(tid) JOIN "+b.table+" t ON t.ctid = l.tid) TO STDOUT (FORMAT binary)", func(tuple []byte) error {
+			pl.keep(st.hashes, len(st.keyCols), st.cfg.SweepRows, tuple)
+			return nil
+		})
+		if err != nil {
+			return fmt.Errorf("pgetl: sweep: read the keys of the rows of %s to delete: %w", b.cfg.Table, err)
+		}
+	}
+	pl.flushChunk()
+	return nil
+}
+
+func (pl *sweepPlan) flushChunk() {
+	if pl.inChunk > 0 {
+		pl.missing, pl.chunk, pl.inChunk = append(pl.missing, pl.chunk), nil, 0
+	}
+}
+
+// sweepKeys returns the key columns, quoted, each after prefix.
+func (b *BatchSession) sweepKeys(prefix string) []string {
+	keys := make([]string, len(b.sync.keyCols))
+	for k, i := range b.sync.keyCols {
+		keys[k] = prefix + pgx.Identifier{b.cfg.Columns[i]}.Sanitize()
+	}
+	return keys
 }
 
 func (c *rowCounts) add(o rowCounts) {
