@@ -320,7 +320,7 @@ func (b *BatchSession) preloadHashes(ctx context.Context) (*rowHashes, error) {
 // preloadPart runs sql, a COPY of ctid and Columns of the target, and puts each
 // row's hashes into t (under t.mu if shared, other parts putting too).
 func (b *BatchSession) preloadPart(ctx context.Context, t *rowHashes, shared bool, sql string, keyCols []int) error {
-	var key, row []byte
+	var key []byte
 	// Entries are put in groups, in a tight loop whose cache misses the CPU
 	// overlaps (see syncGroup).
 	var group [syncGroup]hashSlot
@@ -340,14 +340,17 @@ func (b *BatchSession) preloadPart(ctx context.Context, t *rowHashes, shared boo
 			return errors.New("pgetl: unexpected ctid in the binary COPY stream")
 		}
 		loc := packTID(tuple[6:12])
-		row = binary.BigEndian.AppendUint16(row[:0], uint16(len(b.cfg.Columns)))
-		row = append(row, tuple[12:]...)
+		// tuple[10:] is a tuple of Columns but for its field count (tupleKey skips it).
 		var null bool
-		key, null = tupleKey(row, keyCols, key[:0])
+		if len(keyCols) == 1 {
+			key, null = tupleField(tuple[10:], keyCols[0]) // no copy
+		} else {
+			key, null = tupleKey(tuple[10:], keyCols, key[:0])
+		}
 		if null {
 			return nil // never matched, never swept
 		}
-		group[g] = hashSlot{key: keyHash(key), row: rowHash(row), loc: loc}
+		group[g] = hashSlot{key: keyHash(key), row: rowHash(tuple[12:]), loc: loc}
 		if g++; g == len(group) {
 			putGroup()
 		}
@@ -467,6 +470,21 @@ func tupleKey(tuple []byte, cols []int, dst []byte) (key []byte, null bool) {
 	return dst, null
 }
 
+// tupleField returns field col of tuple with its length prefix (as encode builds a
+// one-column key), without copying; null reports a NULL or a short tuple.
+func tupleField(tuple []byte, col int) (field []byte, null bool) {
+	p := 2
+	for c := 0; p+4 <= len(tuple); c++ {
+		l := int(int32(binary.BigEndian.Uint32(tuple[p:])))
+		end := p + 4 + max(l, 0)
+		if c == col {
+			return tuple[p:min(end, len(tuple))], l < 0
+		}
+		p = end
+	}
+	return nil, true
+}
+
 // packTID packs a tid's binary form (block uint32, offset uint16) into a nonzero
 // uint64.
 func packTID(b []byte) uint64 {
@@ -534,7 +552,7 @@ func (b *BatchSession) syncAdd(bt *batch) {
 	kh := keyHash(key)
 	sb.seenKeys = append(sb.seenKeys, kh)
 	sb.rowKeys = append(sb.rowKeys, kh)
-	sb.rowHashes = append(sb.rowHashes, rowHash(bt.buf[start:]))
+	sb.rowHashes = append(sb.rowHashes, rowHash(bt.buf[start+2:]))
 	sb.rowLocs = append(sb.rowLocs, 0)
 }
 

@@ -74,8 +74,9 @@ func keyHash(b []byte) uint64 {
 	return 1
 }
 
-// rowHash returns the row hash of a tuple: never rowDirty, never with rowSeen.
-func rowHash(tuple []byte) uint64 { return (hashBytes(tuple) | 1) &^ rowSeen }
+// rowHash returns the row hash of a tuple's fields (each with its length prefix,
+// after the field count): never rowDirty, never with rowSeen.
+func rowHash(fields []byte) uint64 { return (hashBytes(fields) | 1) &^ rowSeen }
 
 func newRowHashes(n int) *rowHashes {
 	t := &rowHashes{}
