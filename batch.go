@@ -709,6 +709,16 @@ func (b *BatchSession) swap() *batch {
 	// Size the next batch for b.limit rows of the size seen so far, so it does not
 	// grow by doubling (COPY path; the statement path keeps values, not bytes).
 	rows, size := b.limit, len(bt.buf)
+	seen := 0
+	if b.sync != nil {
+		// A sync's batch keeps only its changed and new rows: size it after the
+		// last one (twice during the slow start), and its seen keys likewise.
+		grow := 9.0 / 8
+		if b.limit < b.cfg.CommitRows {
+			grow = 2
+		}
+		rows, seen = int(float64(bt.rows())*grow)+syncGroup, int(float64(len(bt.sync.seen))*grow)
+	}
 	if n := bt.rows(); n > 0 {
 		size = min(len(bt.buf)/n*rows*9/8, b.cfg.CommitBytes+len(bt.buf)/n)
 	}
@@ -724,6 +734,9 @@ func (b *BatchSession) swap() *batch {
 	}
 	if cap(b.cur.offs) < rows && b.cfg.SQL == "" {
 		b.cur.offs = make([]int32, 0, rows)
+	}
+	if cap(b.cur.sync.seen) < seen {
+		b.cur.sync.seen = make([]byte, 0, seen)
 	}
 	return bt
 }

@@ -227,7 +227,9 @@ func (b *BatchSession) attempt(ctx context.Context, seq int64, n int, bt *batch,
 		stmt, data := b.seenCopy(bt, seq)
 		q.WriteString(stmt)
 		copies = append(copies, data)
-		nbytes += int64(len(data[0]))
+		for _, d := range data {
+			nbytes += int64(len(d))
+		}
 	}
 	if probe {
 		q.WriteString("ROLLBACK")

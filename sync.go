@@ -114,18 +114,18 @@ type syncBatch struct {
 	rowKeys   []uint64 // key hash of each buffered row
 	rowHashes []uint64 // row hash of each buffered row
 	rowLocs   []uint64 // where the preload found each buffered row's key (packTID), 0 if unknown
-	seenKeys  []uint64 // key hash of every row added, unchanged and refused ones included
+	seen      []byte   // key hash of every row added, unchanged and refused ones included: 8 bytes each, big-endian (as the seen set stores them)
 	unchanged int64    // rows added that matched their hash (not buffered)
 	pending   int      // rows added last whose key syncResolve has not looked up yet
 	seenSQL   string   // the INSERT of seenKeys, built once for seenSeq
 	seenSeq   int64
-	seenData  []byte // the binary COPY of seenKeys, built once for seenDataSeq
+	seenHead  []byte // the binary COPY of seen up to its keys, built once for seenDSeq
 	seenDSeq  int64
 }
 
 func (sb *syncBatch) reset() {
-	sb.rowKeys, sb.rowHashes, sb.rowLocs, sb.seenKeys = sb.rowKeys[:0], sb.rowHashes[:0], sb.rowLocs[:0], sb.seenKeys[:0]
-	sb.unchanged, sb.pending, sb.seenSQL, sb.seenSeq, sb.seenData, sb.seenDSeq = 0, 0, "", 0, sb.seenData[:0], 0
+	sb.rowKeys, sb.rowHashes, sb.rowLocs, sb.seen = sb.rowKeys[:0], sb.rowHashes[:0], sb.rowLocs[:0], sb.seen[:0]
+	sb.unchanged, sb.pending, sb.seenSQL, sb.seenSeq, sb.seenHead, sb.seenDSeq = 0, 0, "", 0, sb.seenHead[:0], 0
 }
 
 // syncDDL creates the seen set's table. Each batch of a sync adds one row (the
@@ -550,7 +550,7 @@ func (b *BatchSession) syncAdd(bt *batch) {
 		}
 	}
 	kh := keyHash(key)
-	sb.seenKeys = append(sb.seenKeys, kh)
+	sb.seen = binary.BigEndian.AppendUint64(sb.seen, kh)
 	sb.rowKeys = append(sb.rowKeys, kh)
 	sb.rowHashes = append(sb.rowHashes, rowHash(bt.buf[start+2:]))
 	sb.rowLocs = append(sb.rowLocs, 0)
@@ -760,7 +760,7 @@ func (b *BatchSession) syncRefused(bt *batch, values []any) {
 		binary.BigEndian.PutUint32(key[sp:], uint32(len(key)-sp-4))
 	}
 	kh := keyHash(key)
-	bt.sync.seenKeys = append(bt.sync.seenKeys, kh)
+	bt.sync.seen = binary.BigEndian.AppendUint64(bt.sync.seen, kh)
 	t := b.sync.hashes
 	t.mu.Lock()
 	t.markSeen(kh)
@@ -776,16 +776,10 @@ func (b *BatchSession) seenSQL(bt *batch, seq int64) string {
 	sb := &bt.sync
 	if sb.seenSQL == "" || sb.seenSeq != seq {
 		var q strings.Builder
-		q.Grow(len(b.sync.seenTbl) + 80 + 16*len(sb.seenKeys))
+		q.Grow(len(b.sync.seenTbl) + 80 + 2*len(sb.seen))
 		q.WriteString("INSERT INTO " + b.sync.seenTbl + " (job, seq, keys) VALUES (" + quoteLiteral(b.s.cfg.Job) + ", " +
 			strconv.FormatInt(seq, 10) + ", '\\x")
-		var w [8]byte
-		var h [16]byte
-		for _, k := range sb.seenKeys {
-			binary.BigEndian.PutUint64(w[:], k)
-			hex.Encode(h[:], w[:])
-			q.Write(h[:])
-		}
+		q.WriteString(hex.EncodeToString(sb.seen))
 		q.WriteString("'::bytea);")
 		sb.seenSQL, sb.seenSeq = q.String(), seq
 	}
@@ -797,21 +791,18 @@ func (b *BatchSession) seenSQL(bt *batch, seq int64) string {
 // no parsing of a literal).
 func (b *BatchSession) seenCopy(bt *batch, seq int64) (string, net.Buffers) {
 	sb := &bt.sync
-	if len(sb.seenData) == 0 || sb.seenDSeq != seq {
+	if len(sb.seenHead) == 0 || sb.seenDSeq != seq {
 		job := b.s.cfg.Job
-		d := append(sb.seenData[:0], copyHeader...)
+		d := append(sb.seenHead[:0], copyHeader...)
 		d = binary.BigEndian.AppendUint16(d, 3)
 		d = binary.BigEndian.AppendUint32(d, uint32(len(job)))
 		d = append(d, job...)
 		d = binary.BigEndian.AppendUint32(d, 8)
 		d = binary.BigEndian.AppendUint64(d, uint64(seq))
-		d = binary.BigEndian.AppendUint32(d, uint32(8*len(sb.seenKeys)))
-		for _, k := range sb.seenKeys {
-			d = binary.BigEndian.AppendUint64(d, k)
-		}
-		sb.seenData, sb.seenDSeq = append(d, copyTrailer...), seq
+		sb.seenHead, sb.seenDSeq = binary.BigEndian.AppendUint32(d, uint32(len(sb.seen))), seq
 	}
-	return "COPY " + b.sync.seenTbl + " (job, seq, keys) FROM STDIN (FORMAT binary);", net.Buffers{sb.seenData}
+	// The keys go as they are, not copied.
+	return "COPY " + b.sync.seenTbl + " (job, seq, keys) FROM STDIN (FORMAT binary);", net.Buffers{sb.seenHead, sb.seen, copyTrailer}
 }
 
 // syncCommitted updates the row hashes with rows sel of bt, which committed, and
