@@ -7,6 +7,7 @@ import (
 	"testing"
 
 	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/pgetl/pgetl/internal/pgtest"
 	"github.com/stretchr/testify/require"
 )
@@ -110,4 +111,27 @@ func TestSlowStartGrowsWhileSlotsBusy(t *testing.T) {
 			require.Equal(t, strconv.Itoa(n), cp.Cursor)
 		})
 	}
+}
+
+// TestInFlightSmallPool: batches in flight on a pool of one connection take it in
+// their order (see takeTurn). A batch that took it ahead of an earlier one would
+// wait at the fence for that batch, which waits for the connection, until the
+// fence gives up (5 s), and be replayed: counted as predecessor_pending.
+func TestInFlightSmallPool(t *testing.T) {
+	t.Parallel()
+	bd := setupItems(t)
+	cfg, err := ParseConfig(bd.db.URL)
+	require.NoError(t, err)
+	cfg.MaxConns = 1
+	pool, err := pgxpool.NewWithConfig(context.Background(), cfg)
+	require.NoError(t, err)
+	t.Cleanup(pool.Close)
+	bd.pool = pool
+	s := bd.session(t, "small-pool")
+	const n = 3000
+	require.NoError(t, loadJob(context.Background(), s, BatchConfig{Table: bd.table, Columns: itemCols,
+		CommitRows: 100, InFlight: 4, CommitInterval: -1}, 1, n, nil))
+	bd.requireExactly(t, n)
+	require.Zero(t, s.Stat().Retries()["predecessor_pending"], "a batch overtook an earlier one: %v", s.Stat().Retries())
+	require.Equal(t, int64(n/100), s.Stat().Batches())
 }
