@@ -12,7 +12,6 @@ import (
 	"strconv"
 	"strings"
 	"time"
-	"unsafe"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgtype"
@@ -512,9 +511,6 @@ func tidArray(locs []uint64) string {
 	q.WriteByte('}')
 	return q.String()
 }
-
-// bytesOf returns the bytes of s without copying them (read only).
-func bytesOf(s string) []byte { return unsafe.Slice(unsafe.StringData(s), len(s)) }
 
 // syncGroup is how many rows of a sync Add encodes and hashes before it looks them
 // up in the key cache, together (syncResolve). The cache is a table of tens of
