@@ -43,8 +43,9 @@ type BatchSet struct {
 	cfg   BatchConfig // the set's batch settings: those of the first table
 
 	sendMu sync.Mutex // held while a batch is handed to the flusher
-	mu     sync.Mutex // guards cur, err, closed, limit
+	mu     sync.Mutex // guards cur, err, closed, limit, mark
 	cur    *setBatch
+	mark   recordMark // Add's, reused
 	err    error
 	closed bool
 	limit  int
@@ -187,7 +188,9 @@ func (set *BatchSet) newBatch() *setBatch {
 // order of that table's Columns, then its lookups' attributes), nil for none. cursor
 // is the record's position in the source, the checkpoint's cursor once its batch
 // commits. A value a column cannot take is reported as a *BatchError naming the
-// table, row and column (under RejectToTable the row is rejected instead).
+// table, row and column, and none of the record's rows is buffered (under
+// RejectToTable the row is rejected instead and the record's other rows stay). A
+// record one reject too many stops the set as Reject does.
 func (set *BatchSet) Add(ctx context.Context, cursor string, rows ...[]any) error {
 	if len(rows) > len(set.parts) {
 		return fmt.Errorf("pgetl: BatchSet.Add: %d rows for %d tables", len(rows), len(set.parts))
@@ -201,16 +204,84 @@ func (set *BatchSet) Add(ctx context.Context, cursor string, rows ...[]any) erro
 		return err
 	}
 	bt := set.cur
+	mark := bt.mark(&set.mark)
 	for i, values := range rows {
 		if values == nil {
 			continue
 		}
 		if err := set.addRow(bt, i, cursor, values); err != nil {
-			set.mu.Unlock()
-			return err
+			// The record is refused whole: the rows of its other tables must not
+			// commit under the cursor before it (a rerun adds the record again).
+			bt.rollback(mark)
+			return set.refuse(ctx, err)
 		}
 	}
 	return set.endRecord(ctx, bt, cursor)
+}
+
+// refuse returns err, the error of a record Add or Reject refused, and releases
+// mu. A record one reject too many (ErrTooManyRejects) stops the set, as it stops a
+// BatchSession: the records before it commit (with their rejects and the
+// checkpoint, so a rerun resumes at this record), then err becomes the set's
+// sticky error.
+func (set *BatchSet) refuse(ctx context.Context, err error) error {
+	set.mu.Unlock()
+	var berr *BatchError
+	if !errors.Is(err, ErrTooManyRejects) || !errors.As(err, &berr) {
+		return err
+	}
+	ferr := set.dispatch(ctx, true)
+	berr.Committed = ferr == nil
+	if ferr != nil {
+		berr.Err = fmt.Errorf("%w (the rows before it were not committed: %w)", berr.Err, ferr)
+	}
+	set.fail(berr)
+	return berr
+}
+
+// recordMark is where a set batch stood before a record was added.
+type recordMark struct {
+	direct, pend []batchMark
+	keys         []int
+	rej, rows    int
+	bytes        int
+}
+
+// batchMark is where a batch stood.
+type batchMark struct{ buf, rows int }
+
+// mark records in m (reused: Add allocates nothing for it) where bt stands.
+func (bt *setBatch) mark(m *recordMark) *recordMark {
+	m.rej, m.rows, m.bytes = len(bt.rej), bt.rows, bt.bytes
+	m.direct, m.pend, m.keys = m.direct[:0], m.pend[:0], m.keys[:0]
+	for i := range bt.direct {
+		m.direct = append(m.direct, batchMark{len(bt.direct[i].buf), len(bt.direct[i].offs)})
+		m.pend = append(m.pend, batchMark{len(bt.pend[i].buf), len(bt.pend[i].offs)})
+		m.keys = append(m.keys, len(bt.keys[i]))
+	}
+	return m
+}
+
+// rollback takes the rows added since m back out of bt.
+func (bt *setBatch) rollback(m *recordMark) {
+	for i := range bt.direct {
+		bt.direct[i].truncate(m.direct[i])
+		bt.pend[i].truncate(m.pend[i])
+		clear(bt.keys[i][m.keys[i]:])
+		bt.keys[i] = bt.keys[i][:m.keys[i]]
+	}
+	clear(bt.rej[m.rej:])
+	bt.rej, bt.rows, bt.bytes = bt.rej[:m.rej], m.rows, m.bytes
+}
+
+// truncate takes the rows added since m back out of bt (a set's batch: encoded
+// rows with their index, cursor and key).
+func (bt *batch) truncate(m batchMark) {
+	bt.buf, bt.offs = bt.buf[:m.buf], bt.offs[:m.rows]
+	bt.idx, bt.cursors = bt.idx[:min(len(bt.idx), m.rows)], bt.cursors[:min(len(bt.cursors), m.rows)]
+	if len(bt.keys) > m.rows {
+		bt.keys = bt.keys[:m.rows]
+	}
 }
 
 // stateErr returns why the set takes no rows. Caller holds mu.

@@ -2,6 +2,7 @@ package pgetl
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"math/rand/v2"
 	"strconv"
@@ -441,4 +442,75 @@ func TestBatchSetStatement(t *testing.T) {
 			require.Equal(t, int64(1), cp.Rejects)
 		})
 	}
+}
+
+// TestBatchSetRefusesRecordWhole: a record one of whose rows Add refuses is
+// refused whole: the rows of its other tables do not commit under the cursor
+// before it (a rerun from the checkpoint adds the record again, which would then
+// load them twice). And a record one reject too many stops the set, as it stops a
+// BatchSession: the records before it commit, and the error is sticky.
+func TestBatchSetRefusesRecordWhole(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	db := pgtest.New(t)
+	db.Exec(t, `CREATE TABLE a (id bigint); CREATE TABLE b (id bigint, v int)`)
+	cfgs := func(mod func(*BatchConfig)) []BatchConfig {
+		c := []BatchConfig{{Table: db.Schema + ".a", Columns: []string{"id"}}, {Table: db.Schema + ".b", Columns: []string{"id", "v"}}}
+		mod(&c[0])
+		return c
+	}
+	// run loads records from..to (bad ones with a value b.v cannot take) in a new
+	// session of job, stopping at the first error, and returns it, Close's error and
+	// the checkpoint's cursor.
+	run := func(job string, mod func(*BatchConfig), from, to int64, bad map[int64]bool) (addErr, closeErr error, cursor string) {
+		s, err := NewSession(ctx, db.Pool, SessionConfig{Job: job, CheckpointSchema: db.Schema})
+		require.NoError(t, err)
+		set, err := s.Batches(ctx, cfgs(mod)...)
+		require.NoError(t, err)
+		for i := from; i <= to; i++ {
+			v := any(int32(i))
+			if bad[i] {
+				v = "not a number"
+			}
+			if addErr = set.Add(ctx, strconv.FormatInt(i, 10), []any{i}, []any{i, v}); addErr != nil {
+				if errors.Is(addErr, ErrTooManyRejects) {
+					require.ErrorIs(t, set.Add(ctx, "x", []any{int64(99)}, nil), ErrTooManyRejects, "sticky")
+				}
+				break
+			}
+		}
+		closeErr = set.Close(ctx)
+		require.NoError(t, s.Close(ctx))
+		cp, err := ReadCheckpoint(ctx, db.Pool, db.Schema, job)
+		require.NoError(t, err)
+		return addErr, closeErr, cp.Cursor
+	}
+	count := func(tbl string) int64 { return db.Int(t, "SELECT count(*) FROM "+db.Ident(tbl)) }
+
+	// RejectFail: record 2 stops the job; its row of a is not committed.
+	addErr, closeErr, cursor := run("whole", func(*BatchConfig) {}, 1, 5, map[int64]bool{2: true})
+	var berr *BatchError
+	require.ErrorAs(t, addErr, &berr)
+	require.Equal(t, "2", berr.Cursor)
+	require.NoError(t, closeErr)
+	require.Equal(t, "1", cursor)
+	require.Equal(t, []int64{1, 1}, []int64{count("a"), count("b")})
+	// The rerun resumes at record 2 (fixed) and loads each record once.
+	addErr, closeErr, cursor = run("whole", func(*BatchConfig) {}, 2, 5, nil)
+	require.NoError(t, addErr)
+	require.NoError(t, closeErr)
+	require.Equal(t, "5", cursor)
+	require.Equal(t, []int64{5, 5}, []int64{count("a"), count("b")})
+	require.Equal(t, int64(5), db.Int(t, "SELECT count(DISTINCT id) FROM "+db.Ident("a")))
+
+	// MaxRejects 1: record 7's row of b is rejected (its row of a stays, by
+	// design); record 8 is one reject too many: records 6 and 7 commit, 8 does not.
+	db.Exec(t, "TRUNCATE a, b")
+	addErr, _, cursor = run("sticky", func(c *BatchConfig) { c.Rejects, c.MaxRejects = RejectToTable, 1 }, 6, 10, map[int64]bool{7: true, 8: true})
+	require.ErrorIs(t, addErr, ErrTooManyRejects)
+	require.ErrorAs(t, addErr, &berr)
+	require.True(t, berr.Committed, "the records before it committed")
+	require.Equal(t, "7", cursor)
+	require.Equal(t, []int64{2, 1}, []int64{count("a"), count("b")})
+	requireRejects(t, db.Pool, db.Schema, "sticky", []int64{4})
 }

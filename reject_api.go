@@ -67,7 +67,9 @@ func (b *BatchSession) Reject(ctx context.Context, cursor, reason string, values
 // meant to be (the reject's table_name), or is empty for a record refused as a
 // whole. The record counts as one reject toward MaxRejects and MaxRejectRatio at
 // once and in the counts of its batch; it goes to the reject table in its batch's
-// transaction, exactly once.
+// transaction, exactly once. One reject too many stops the set: the records before
+// it commit, and the *BatchError wrapping ErrTooManyRejects is returned by every
+// later call.
 func (set *BatchSet) Reject(ctx context.Context, cursor, table, reason string, values ...any) error {
 	if err := checkCursor(cursor); err != nil {
 		return err
@@ -98,8 +100,9 @@ func (set *BatchSet) Reject(ctx context.Context, cursor, table, reason string, v
 	bt.rows++ // a reject takes its place in the batch, as a refused row does
 	bt.bytes += rejectOverhead + len(rej.Cursor) + len(rej.Message) + len(rej.Values)
 	if err := set.checkRejects(bt, nil); err != nil {
-		set.mu.Unlock()
-		return err
+		bt.rej, bt.rows = bt.rej[:len(bt.rej)-1], bt.rows-1
+		bt.bytes -= rejectOverhead + len(rej.Cursor) + len(rej.Message) + len(rej.Values)
+		return set.refuse(ctx, err)
 	}
 	return set.endRecord(ctx, bt, cursor)
 }
