@@ -878,6 +878,12 @@ func (b *BatchSession) Sweep(ctx context.Context) (SweepResult, error) {
 	if err != nil {
 		return pl.res, err
 	}
+	if !pl.deferred {
+		// A row the last batch wrote may have been read while it committed, before
+		// its key was recorded (the key cache learns new keys at commit): check
+		// the rows found again, now that it has.
+		pl.recheck(st.hashes, len(st.keyCols), st.cfg.SweepRows)
+	}
 	if st.markIx < 0 {
 		pl.res.Table = int64(st.hashes.len()) // with the keys the last batch inserted
 		if pl.deferred && !pl.overGuard(st.cfg) {
@@ -1067,6 +1073,30 @@ func (b *BatchSession) sweepFetch(ctx context.Context, pl *sweepPlan, locs []uin
 	}
 	pl.flushChunk()
 	return nil
+}
+
+// recheck keeps, of the rows found to delete, those whose key t still does not
+// hold as seen.
+func (pl *sweepPlan) recheck(t *rowHashes, nkeys, chunkRows int) {
+	found := pl.missing
+	pl.missing, pl.chunk, pl.inChunk, pl.nMissing = nil, nil, 0, 0
+	for _, c := range found {
+		for len(c) >= 2 {
+			n := tupleLen(c)
+			pl.keep(t, nkeys, chunkRows, c[:n])
+			c = c[n:]
+		}
+	}
+	pl.flushChunk()
+}
+
+// tupleLen returns the length of the binary COPY tuple that data starts with.
+func tupleLen(data []byte) int {
+	p := 2
+	for range int(binary.BigEndian.Uint16(data)) {
+		p += 4 + max(int(int32(binary.BigEndian.Uint32(data[p:]))), 0)
+	}
+	return p
 }
 
 func (pl *sweepPlan) flushChunk() {
