@@ -460,9 +460,9 @@ func TestBatchSetRefusesRecordWhole(t *testing.T) {
 		return c
 	}
 	// run loads records from..to (bad ones with a value b.v cannot take) in a new
-	// session of job, stopping at the first error, and returns it, Close's error and
-	// the checkpoint's cursor.
-	run := func(job string, mod func(*BatchConfig), from, to int64, bad map[int64]bool) (addErr, closeErr error, cursor string) {
+	// session of job, stopping at the first error, and returns the checkpoint's
+	// cursor, that error and Close's.
+	run := func(job string, mod func(*BatchConfig), from, to int64, bad map[int64]bool) (cursor string, addErr, closeErr error) {
 		s, err := NewSession(ctx, db.Pool, SessionConfig{Job: job, CheckpointSchema: db.Schema})
 		require.NoError(t, err)
 		set, err := s.Batches(ctx, cfgs(mod)...)
@@ -483,12 +483,12 @@ func TestBatchSetRefusesRecordWhole(t *testing.T) {
 		require.NoError(t, s.Close(ctx))
 		cp, err := ReadCheckpoint(ctx, db.Pool, db.Schema, job)
 		require.NoError(t, err)
-		return addErr, closeErr, cp.Cursor
+		return cp.Cursor, addErr, closeErr
 	}
 	count := func(tbl string) int64 { return db.Int(t, "SELECT count(*) FROM "+db.Ident(tbl)) }
 
 	// RejectFail: record 2 stops the job; its row of a is not committed.
-	addErr, closeErr, cursor := run("whole", func(*BatchConfig) {}, 1, 5, map[int64]bool{2: true})
+	cursor, addErr, closeErr := run("whole", func(*BatchConfig) {}, 1, 5, map[int64]bool{2: true})
 	var berr *BatchError
 	require.ErrorAs(t, addErr, &berr)
 	require.Equal(t, "2", berr.Cursor)
@@ -496,7 +496,7 @@ func TestBatchSetRefusesRecordWhole(t *testing.T) {
 	require.Equal(t, "1", cursor)
 	require.Equal(t, []int64{1, 1}, []int64{count("a"), count("b")})
 	// The rerun resumes at record 2 (fixed) and loads each record once.
-	addErr, closeErr, cursor = run("whole", func(*BatchConfig) {}, 2, 5, nil)
+	cursor, addErr, closeErr = run("whole", func(*BatchConfig) {}, 2, 5, nil)
 	require.NoError(t, addErr)
 	require.NoError(t, closeErr)
 	require.Equal(t, "5", cursor)
@@ -506,7 +506,7 @@ func TestBatchSetRefusesRecordWhole(t *testing.T) {
 	// MaxRejects 1: record 7's row of b is rejected (its row of a stays, by
 	// design); record 8 is one reject too many: records 6 and 7 commit, 8 does not.
 	db.Exec(t, "TRUNCATE a, b")
-	addErr, _, cursor = run("sticky", func(c *BatchConfig) { c.Rejects, c.MaxRejects = RejectToTable, 1 }, 6, 10, map[int64]bool{7: true, 8: true})
+	cursor, addErr, _ = run("sticky", func(c *BatchConfig) { c.Rejects, c.MaxRejects = RejectToTable, 1 }, 6, 10, map[int64]bool{7: true, 8: true})
 	require.ErrorIs(t, addErr, ErrTooManyRejects)
 	require.ErrorAs(t, addErr, &berr)
 	require.True(t, berr.Committed, "the records before it committed")
