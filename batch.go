@@ -713,11 +713,11 @@ func (b *BatchSession) swap() *batch {
 	if b.sync != nil {
 		// A sync's batch keeps only its changed and new rows: size it after the
 		// last one (twice during the slow start), and its seen keys likewise.
-		grow := 9.0 / 8
+		mul, div := 9, 8
 		if b.limit < b.cfg.CommitRows {
-			grow = 2
+			mul, div = 2, 1
 		}
-		rows, seen = int(float64(bt.rows())*grow)+syncGroup, int(float64(len(bt.sync.seen))*grow)
+		rows, seen = bt.rows()*mul/div+syncGroup, len(bt.sync.seen)*mul/div
 	}
 	if n := bt.rows(); n > 0 {
 		size = min(len(bt.buf)/n*rows*9/8, b.cfg.CommitBytes+len(bt.buf)/n)

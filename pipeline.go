@@ -81,19 +81,18 @@ func takeTurn(ctx context.Context) (took, gave func(), err error) {
 	}
 }
 
-// setHolding records whether u holds a connection, or (finished) that its
-// attempts are over, and wakes the batches waiting for their turn.
-func (p *pipeline) setHolding(u *flightUnit, holding bool) {
-	p.mu.Lock()
-	u.holding = holding
-	close(p.changed)
-	p.changed = make(chan struct{})
-	p.mu.Unlock()
-}
+// setHolding records whether u holds a connection, and wakes the batches waiting
+// for their turn.
+func (p *pipeline) setHolding(u *flightUnit, holding bool) { p.change(func() { u.holding = holding }) }
 
-func (p *pipeline) setFinished(u *flightUnit) {
+// setFinished records that u's attempts are over, and wakes the batches waiting
+// for their turn.
+func (p *pipeline) setFinished(u *flightUnit) { p.change(func() { u.finished = true }) }
+
+// change runs f under mu and wakes the batches waiting in takeTurn.
+func (p *pipeline) change(f func()) {
 	p.mu.Lock()
-	u.finished = true
+	f()
 	close(p.changed)
 	p.changed = make(chan struct{})
 	p.mu.Unlock()

@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"net"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -568,10 +569,8 @@ func (b *BatchSession) syncResolve(bt *batch) {
 	}
 	sb.pending = 0
 	first := len(bt.offs) - n
-	state := b.sync.state[:0] // per pending row: 0 new, 1 known, 2 unchanged
-	for range n {
-		state = append(state, 0)
-	}
+	state := slices.Grow(b.sync.state[:0], n)[:n] // per pending row: 0 new, 1 known, 2 unchanged
+	clear(state)
 	b.sync.state = state
 	t := b.sync.hashes
 	t.mu.Lock()
@@ -960,6 +959,7 @@ type sweepPlan struct {
 	chunk     []byte
 	inChunk   int
 	kb        []byte
+	keyFields []int // the key's fields in a tuple: after the ctid
 }
 
 // overGuard reports whether deleting the rows found, with those an earlier
@@ -971,18 +971,12 @@ func (pl *sweepPlan) overGuard(sc SyncConfig) bool {
 // keep adds tuple (ctid and key columns) to the rows to delete if t does not hold
 // its key as seen.
 func (pl *sweepPlan) keep(t *rowHashes, nkeys, chunkRows int, tuple []byte) {
-	p := 2 + 4 + 6 // field count, ctid
-	pl.kb = pl.kb[:0]
-	for range nkeys {
-		if p+4 > len(tuple) {
-			return
-		}
-		l := int(int32(binary.BigEndian.Uint32(tuple[p:])))
-		if l < 0 {
-			return // a NULL in the key: never swept
-		}
-		pl.kb = append(pl.kb, tuple[p:p+4+l]...)
-		p += 4 + l
+	for len(pl.keyFields) < nkeys {
+		pl.keyFields = append(pl.keyFields, len(pl.keyFields)+1)
+	}
+	var null bool
+	if pl.kb, null = tupleKey(tuple, pl.keyFields, pl.kb[:0]); null {
+		return // a NULL in the key: never swept
 	}
 	if row, held := t.get(keyHash(pl.kb)); held && row&rowSeen != 0 {
 		return
